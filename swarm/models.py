@@ -146,7 +146,7 @@ class RunSpec(Model):
     models: dict[str, str] = Field(default_factory=dict, description="role -> model name")
     simulate: bool = False
     output_dir: str | None = None
-    sandbox: Literal["docker", "local"] = "docker"
+    sandbox: Literal["docker", "local", "auto"] = "auto"
     parent_run: str | None = None
     depth: int = Field(default=0, ge=0)
     workflow_name: str | None = None

@@ -252,8 +252,10 @@ def _revise(request: str) -> list[dict[str, Any]]:
         renamed[d] = new
     kept = [{**n, "deps": [renamed.get(x, x) for x in n.get("deps", ())]} for n in nodes]
     retries = [{**n, "id": renamed[n["id"]],
+                "title": n.get("title", "").replace(FAIL_DIRECTIVE, "").strip(),
                 "instructions": f"Retry of {n['id']}, which failed: take a different, smaller "
-                                f"approach. {n.get('instructions', '')}"}
+                                f"approach. "
+                                + n.get("instructions", "").replace(FAIL_DIRECTIVE, "")}
                for n in kept if n["id"] in renamed]
     return [*kept, *retries]
 
@@ -284,9 +286,46 @@ def _prop(schema: dict[str, Any], names: tuple[str, ...]) -> str:
     return next((n for n in names if n in props), names[0])
 
 
+# Directives a test or demo can put in a goal or instructions to script the simulator.
+FAIL_DIRECTIVE = "[sim:fail]"  # the agent answers nothing, every time: the node fails
+_WRITE_RE = re.compile(r"\[sim:write ([^\]\s]+)\]")  # first write goes to this shared path
+# The merge agent's prompt shows each conflicted file between these lines.
+CONFLICT_RE = re.compile(r"^=== conflicted file: (\S+) ===\n(.*?)^=== end ===$", re.M | re.S)
+_MARKER_RE = re.compile(r"^(?:<{7}|={7}|>{7})(?: .*)?\n?", re.M)
+
+
+def _resolve(cfg: SimConfig, t: Turn, conflicts: list[tuple[str, str]]) -> Reply:
+    """Resolve conflicts by keeping both sides, one file per step, then finish."""
+    if t.step < len(conflicts) and "write_file" in t.tools:
+        path, body = conflicts[t.step]
+        schema = t.tools["write_file"]
+        args = {_prop(schema, ("path", "file_path", "filename", "file")): path,
+                _prop(schema, ("content", "text", "data")): _MARKER_RE.sub("", body)}
+        return Reply(f"{LABEL} resolving {path}", [(_call_id(cfg, t), "write_file",
+                                                     json.dumps(args))])
+    summary = f"{LABEL} resolved {len(conflicts)} conflicted file(s) by keeping both sides"
+    return Reply(summary, [(_call_id(cfg, t), "finish", json.dumps({"summary": summary}))])
+
+
+_CONTEXT_RE = re.compile(r"\n\s*(?:\(Part of:|Result of |Overall goal)")
+
+
+def own_text(task: str) -> str:
+    """The node's own task, without the goal and inputs quoted after it as context: a
+    directive in the goal must script only the node it was written for."""
+    m = _CONTEXT_RE.search(task)
+    return task[: m.start()] if m else task
+
+
 def _act(cfg: SimConfig, t: Turn) -> Reply:
     i = t.step
     instructions = _find(t.messages, "user", last=False)
+    if conflicts := CONFLICT_RE.findall(instructions):  # quoted files may hold anything
+        return _resolve(cfg, t, conflicts)
+    own = own_text(instructions)
+    if FAIL_DIRECTIVE in own:
+        return Reply("")  # neither a tool call nor an answer: the agent gives up
+    shared = _WRITE_RE.search(own)
     digest = f"{stable_hash(cfg.seed, t.run, t.node, i, instructions):016x}"
     prefer, other = ("write_file", "shell") if i % 2 == 0 else ("shell", "write_file")
     name = next((n for n in (prefer, other) if n in t.tools), "finish")
@@ -295,7 +334,8 @@ def _act(cfg: SimConfig, t: Turn) -> Reply:
     args: dict[str, Any]
     if name == "write_file":
         schema = t.tools[name]
-        args = {_prop(schema, ("path", "file_path", "filename", "file")): f"notes/{t.node}-{i}.md",
+        path = shared.group(1) if shared and i == 0 else f"notes/{t.node}-{i}.md"
+        args = {_prop(schema, ("path", "file_path", "filename", "file")): path,
                 _prop(schema, ("content", "text", "data")):
                     f"# {LABEL} notes of {t.node}, step {i}\n\nrun {t.run}, seed {cfg.seed}, "
                     f"digest {digest}\n\n{instructions[:400]}\n"}

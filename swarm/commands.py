@@ -1,0 +1,326 @@
+"""Bodies of the run-facing CLI commands. cli.py parses flags and calls these; each returns an
+exit code (DESIGN.md: 0 success, 1 the run failed, 2 bad input, 3 infrastructure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from swarm.coordinator import LostLeadership, leader_lease
+from swarm.errors import NotFound, UserError
+from swarm.models import (
+    NODE_STATUSES,
+    TERMINAL_RUN_STATUSES,
+    RunRecord,
+    RunSpec,
+    StatusReport,
+)
+from swarm.runtime import (
+    Runtime,
+    connect_store,
+    open_runtime,
+    process_name,
+    run_in_process,
+)
+from swarm.settings import Settings
+from swarm.store import Store
+
+COUNT_NAMES = {"pending": "planned"}  # DESIGN.md's status --json calls pending nodes "planned"
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def status_report(store: Store, run_id: str) -> StatusReport:
+    rec = await store.get_run(run_id)
+    plan = await store.get_plan(run_id)
+    nodes = await store.get_nodes(run_id)
+    ids = [n.id for n in plan.nodes] if plan else list(nodes)
+    counts = Counter(nodes[i].status for i in ids if i in nodes)
+    return StatusReport(run=rec.id, status=rec.status,
+                        counts={s: counts.get(s, 0) for s in NODE_STATUSES},
+                        usage=rec.usage, elapsed_s=round(rec.elapsed_s, 2))
+
+
+def status_json(report: StatusReport) -> str:
+    data = report.model_dump(mode="json")
+    data["counts"] = {COUNT_NAMES.get(k, k): v for k, v in data["counts"].items()}
+    return json.dumps(data)
+
+
+def progress_line(r: StatusReport) -> str:
+    c = r.counts
+    return (f"[{r.elapsed_s:7.1f}s] {r.status:<9} planned {c['pending']} queued {c['queued']} "
+            f"running {c['running']} done {c['done']} failed {c['failed'] + c['dead']} "
+            f"retrying {c['retrying']} | tokens {r.usage.tokens_in + r.usage.tokens_out} "
+            f"cost ${r.usage.cost_usd:.4f} llm calls {r.usage.llm_calls}")
+
+
+async def _print_progress(store: Store, run_id: str, every_s: float) -> None:
+    last = ""
+    while True:
+        line = progress_line(await status_report(store, run_id))
+        if line[10:] != last[10:]:  # skip lines where only the clock moved
+            say(line)
+            last = line
+        await anyio.sleep(every_s)
+
+
+def exit_code_for(rec: RunRecord) -> int:
+    return 0 if rec.status == "done" else 1
+
+
+def _finished_lines(rec: RunRecord, settings: Settings) -> None:
+    out = rec.spec.output_dir or str(settings.home / "output" / rec.id)
+    say(f"run {rec.id} {rec.status} in {rec.elapsed_s:.1f}s: {rec.usage.llm_calls} LLM calls, "
+        f"{rec.usage.steps} steps, {rec.usage.tokens} tokens, ${rec.usage.cost_usd:.4f}")
+    if rec.error:
+        say(f"  reason: {rec.error}")
+    if rec.status in TERMINAL_RUN_STATUSES and not rec.spec.parent_run:
+        say(f"  result: {out}/RESULT.md")
+
+
+def detach(settings: Settings, run_id: str) -> None:
+    """Continue the run in a background process that outlives this command."""
+    logs = settings.home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{run_id}.log", "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "swarm.cli", "resume", run_id, "--no-tui"],
+                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                         start_new_session=True, env=os.environ.copy())
+
+
+async def run(settings: Settings, spec: RunSpec, *, detached: bool, slots: int,
+              progress_s: float = 2.0, faults: str = "", as_json: bool = False) -> int:
+    if detached:
+        store = await connect_store(settings)
+        try:
+            rec = await store.create_run(spec)
+        finally:
+            await store.close()
+        say(rec.id)
+        detach(settings, rec.id)
+        return 0
+    async with open_runtime(settings, simulate=spec.simulate, sandbox=spec.sandbox,
+                            faults=faults) as rt:
+        rec = await rt.store.create_run(spec)
+        say(rec.id)
+        if rt.simulated:
+            say("no model endpoint configured (or --simulate): using the built-in simulator; "
+                "output is simulated")
+        say(f"sandboxes: {rt.sandboxes.name}")
+        return await _attach(rt, rec.id, slots, progress_s, as_json=as_json)
+
+
+async def resume(settings: Settings, run_id: str, *, detached: bool, slots: int,
+                 progress_s: float = 2.0) -> int:
+    store = await connect_store(settings)
+    try:
+        rec = await store.get_run(run_id)
+        holder = await store.lease_owner(leader_lease(run_id))
+    finally:
+        await store.close()
+    if rec.status in TERMINAL_RUN_STATUSES:
+        _finished_lines(rec, settings)
+        return exit_code_for(rec)
+    if holder:
+        raise UserError(f"run {run_id} is being led by {holder}; wait for its lease to expire")
+    if detached:
+        detach(settings, run_id)
+        say(run_id)
+        return 0
+    async with open_runtime(settings, simulate=rec.spec.simulate, sandbox=rec.spec.sandbox) as rt:
+        say(f"resuming {run_id} from its last checkpoints")
+        return await _attach(rt, run_id, slots, progress_s)
+
+
+async def _attach(rt: Runtime, run_id: str, slots: int, progress_s: float, *,
+                  as_json: bool = False) -> int:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_print_progress, rt.store, run_id, progress_s)
+        try:
+            await run_in_process(rt, run_id, slots=slots)
+        except LostLeadership as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            tg.cancel_scope.cancel()
+    rec = await rt.store.get_run(run_id)
+    report = await status_report(rt.store, run_id)
+    say(progress_line(report))
+    _finished_lines(rec, rt.settings)
+    if as_json:
+        say(status_json(report))
+    return exit_code_for(rec)
+
+
+async def status(settings: Settings, run_id: str, *, as_json: bool) -> int:
+    store = await connect_store(settings)
+    try:
+        report = await status_report(store, run_id)
+    finally:
+        await store.close()
+    say(status_json(report) if as_json else progress_line(report))
+    return 0
+
+
+async def list_runs(settings: Settings, *, as_json: bool) -> int:
+    store = await connect_store(settings)
+    try:
+        rows: list[dict[str, Any]] = []
+        for rec in await store.list_runs():
+            led = await store.lease_owner(leader_lease(rec.id))
+            resumable = rec.status not in TERMINAL_RUN_STATUSES and not led
+            rows.append({"run": rec.id, "status": rec.status, "resumable": resumable,
+                         "created_at": rec.created_at, "goal": rec.spec.goal[:80],
+                         "parent": rec.spec.parent_run})
+    finally:
+        await store.close()
+    if as_json:
+        say(json.dumps(rows))
+        return 0
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        flag = "resumable" if r["resumable"] else ""
+        say(f"{r['run']}  {when}  {r['status']:<16} {flag:<9}  {r['goal']}")
+    return 0
+
+
+async def result(settings: Settings, run_id: str, *, output: Path | None) -> int:
+    store = await connect_store(settings)
+    try:
+        rec = await store.get_run(run_id)
+    finally:
+        await store.close()
+    src = Path(rec.spec.output_dir or settings.home / "output" / rec.id)
+    report = src / "RESULT.md"
+    if not report.is_file():
+        if rec.result_summary:
+            say(rec.result_summary)
+            return 0
+        raise NotFound(f"run {run_id} has no result yet (status {rec.status})")
+    if output is not None:
+        await anyio.to_thread.run_sync(
+            lambda: shutil.copytree(src, output, dirs_exist_ok=True, symlinks=True,
+                                    ignore=shutil.ignore_patterns(".git")))
+        say(f"copied {src} to {output}")
+    else:
+        say(report.read_text())
+    return 0
+
+
+async def logs(settings: Settings, run_id: str, node: str | None) -> int:
+    store = await connect_store(settings)
+    try:
+        await store.get_run(run_id)
+        after = "0-0"
+        while True:
+            batch = await store.read_events(run_id, after=after, count=1000)
+            if not batch:
+                break
+            for entry_id, ev in batch:
+                after = entry_id
+                if node and getattr(ev, "node", None) != node:
+                    continue
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev.at))
+                fields = ev.model_dump(exclude={"run", "at", "type"}, exclude_none=True)
+                say(f"{stamp} {ev.type:<12} " + " ".join(f"{k}={v}" for k, v in fields.items()))
+    finally:
+        await store.close()
+    return 0
+
+
+async def cancel(settings: Settings, run_id: str) -> int:
+    store = await connect_store(settings)
+    try:
+        rec = await store.get_run(run_id)
+        if rec.status in TERMINAL_RUN_STATUSES:
+            say(f"run {run_id} already {rec.status}")
+            return 0
+        live = set(("planning", "running", "merging"))
+        ok = await store.set_run_status(run_id, "cancelled", expect=live, error="cancelled by user")
+        say(f"run {run_id} cancelled" if ok else f"run {run_id} changed state; try again")
+    finally:
+        await store.close()
+    return 0
+
+
+async def worker(settings: Settings, *, slots: int, simulate: bool, sandbox: str) -> int:
+    async with open_runtime(settings, simulate=simulate, sandbox=sandbox) as rt:
+        w = rt.worker(slots)
+        say(f"worker {w.name}: {slots} slots, sandboxes {rt.sandboxes.name}")
+        await _serve_until_signal(w.serve)
+    return 0
+
+
+async def coordinator(settings: Settings, *, simulate: bool, poll_s: float = 2.0) -> int:
+    """Lead every unfinished run that has no live leader, as long as this process lives."""
+    async with open_runtime(settings, simulate=simulate) as rt:
+        leading: set[str] = set()
+
+        async def lead(run_id: str) -> None:
+            try:
+                await rt.coordinator().lead(run_id)
+            except LostLeadership:
+                pass
+            finally:
+                leading.discard(run_id)
+
+        async with anyio.create_task_group() as tg:
+            say(f"coordinator {process_name('coordinator')} adopting runs")
+            while True:
+                for rec in await rt.store.list_runs(limit=1000):
+                    if rec.status in TERMINAL_RUN_STATUSES or rec.id in leading:
+                        continue
+                    if rec.spec.parent_run:  # a nested run is led by its parent's leader
+                        continue
+                    if await rt.store.lease_owner(leader_lease(rec.id)) is None:
+                        leading.add(rec.id)
+                        tg.start_soon(lead, rec.id)
+                await anyio.sleep(poll_s)
+    return 0
+
+
+async def _serve_until_signal(serve: Callable[[anyio.Event], Awaitable[None]]) -> None:
+    import signal
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    stop.set()
+                    return
+
+        tg.start_soon(on_signal)
+        await serve(stop)
+        tg.cancel_scope.cancel()
+
+
+async def gc(settings: Settings) -> int:
+    store = await connect_store(settings)
+    try:
+        live = {rec.id for rec in await store.list_runs(limit=10_000)
+                if rec.status not in TERMINAL_RUN_STATUSES
+                and await store.lease_owner(leader_lease(rec.id))}
+    finally:
+        await store.close()
+    from swarm.runtime import pick_sandboxes
+
+    backend = await pick_sandboxes(settings, "auto")
+    try:
+        removed = await backend.gc(live)
+    finally:
+        await backend.aclose()
+    say(f"removed {removed} sandbox container(s) no live run owns")
+    return 0

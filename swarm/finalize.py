@@ -1,0 +1,105 @@
+"""The end of a run: synthesise the results, merge the nodes' files, write RESULT.md.
+
+Rerunnable from scratch (a crash mid-merge is resumed by doing it again): the synthesis is a
+deterministic function of the node results, and the file merge rebuilds the output repo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+
+from swarm import dag
+from swarm.agent import ChatModel
+from swarm.coordinator import RunState
+from swarm.merge import (
+    ConflictResolver,
+    FileMergeReport,
+    NodeReportRow,
+    TextMerger,
+    merge_workspaces,
+    render_report,
+)
+from swarm.merge_agent import AgentResolver
+from swarm.models import LogLine, Usage
+from swarm.sandbox.base import SandboxBackend
+from swarm.settings import Settings
+from swarm.store import Store
+
+
+def sinks(state: RunState) -> list[str]:
+    """Done nodes that no other node consumes: the run's outputs."""
+    used = {d for n in state.plan.nodes for d in n.deps}
+    return [n.id for n in state.plan.nodes
+            if n.id not in used and state.nodes.get(n.id) and state.nodes[n.id].status == "done"]
+
+
+def output_dir_for(settings: Settings, state: RunState) -> Path:
+    given = state.record.spec.output_dir
+    return Path(given) if given else settings.home / "output" / state.record.id
+
+
+class Finalizer:
+    def __init__(self, store: Store, llm: ChatModel, settings: Settings, *,
+                 sandboxes: SandboxBackend | None = None) -> None:
+        self.store, self.llm, self.settings, self.sandboxes = store, llm, settings, sandboxes
+
+    def _resolver(self, state: RunState) -> ConflictResolver | None:
+        if self.sandboxes is None:
+            return None  # conflicts then get the deterministic union fallback
+        spec = state.record.spec
+        return AgentResolver(self.store, self.llm, self.sandboxes, run=state.record.id,
+                             goal=spec.goal, model=spec.models.get("merger"))
+
+    async def __call__(self, state: RunState) -> str:
+        rec = state.record
+        if rec.spec.parent_run:  # a nested run hands its synthesis up; the parent writes files
+            text, usage = await self._synthesise(state)
+            await self.store.add_run_usage(rec.id, usage)
+            return text
+        out = output_dir_for(self.settings, state)
+        files = await self._merge_files(state, out)
+        text, usage = await self._synthesise(state)
+        await self.store.add_run_usage(rec.id, usage)
+        rec = await self.store.get_run(rec.id)
+        report = render_report(
+            run_id=rec.id, goal=rec.spec.goal, status=state.final_status or rec.status,
+            synthesis=text, nodes=self._rows(state), files=files, usage=rec.usage,
+            elapsed_s=rec.elapsed_s, simulated=rec.spec.simulate,
+        )
+        await anyio.Path(out / "RESULT.md").write_text(report)
+        await self.store.emit(LogLine(run=rec.id, message=f"result written to {out}"))
+        return text
+
+    async def _synthesise(self, state: RunState) -> tuple[str, Usage]:
+        outs = sinks(state)
+        results = [(nid, state.nodes[nid].result.summary)  # type: ignore[union-attr]
+                   for nid in outs if state.nodes[nid].result]
+        if not results:
+            return "(no node finished: nothing to synthesise)", Usage()
+        if len(results) == 1:  # a plan that ends in one merge node already synthesised
+            return results[0][1], Usage()
+        merger = TextMerger(self.llm, model=state.record.spec.models.get("merger"))
+        return await merger.synthesize(state.record.id, state.record.spec.goal, results)
+
+    async def _merge_files(self, state: RunState, out: Path) -> FileMergeReport:
+        order = dag.topological_order(state.plan)
+        root = self.settings.workspaces_dir / state.record.id
+        workspaces = [(nid, root / nid) for nid in order
+                      if state.nodes.get(nid) and state.nodes[nid].status == "done"
+                      and (root / nid).is_dir()]
+        return await merge_workspaces(out, workspaces, resolver=self._resolver(state))
+
+    @staticmethod
+    def _rows(state: RunState) -> list[NodeReportRow]:
+        rows = []
+        for spec in state.plan.nodes:
+            node = state.nodes.get(spec.id)
+            if node is None:
+                continue
+            rows.append(NodeReportRow(
+                id=spec.id, title=spec.title, status=node.status, attempts=node.attempt,
+                steps=node.steps, tokens=node.usage.tokens,
+                summary=node.result.summary if node.result else "", error=node.error))
+        return rows

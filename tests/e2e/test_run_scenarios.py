@@ -1,0 +1,102 @@
+"""Coordinator scenarios end to end: faults, a node that always fails, budgets, nested swarms,
+conflicting files. Real Redis, the simulator over HTTP, real sandboxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swarm.models import Budget, RunSpec
+from swarm.runtime import run_in_process
+from swarm.simulator import SimConfig
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_goal(rt, goal: str, out: Path, **spec) -> tuple:  # noqa: ANN001
+    rec = await rt.store.create_run(RunSpec(goal=goal, simulate=True, sandbox=rt.sandboxes.name,
+                                            output_dir=str(out), **spec))
+    await run_in_process(rt, rec.id, slots=16)
+    return await rt.store.get_run(rec.id), await rt.store.get_nodes(rec.id)
+
+
+async def test_injected_faults_still_complete(runtime_factory, tmp_path: Path) -> None:
+    faults = SimConfig(latency_ms=5, rate_429=0.07, rate_500=0.07, rate_malformed=0.06,
+                       retry_after_s=0.2)
+    async with runtime_factory(sim=faults) as (rt, sim):
+        final, nodes = await run_goal(rt, "Summarise a topic in 12 parts", tmp_path / "out")
+        stats = sim.stats()
+    assert final.status == "done", final.error
+    assert all(n.status == "done" for n in nodes.values())
+    assert stats["faults"].get("429", 0) + stats["faults"].get("500", 0) > 0
+    assert stats["faults"].get("malformed", 0) > 0
+
+
+async def test_always_failing_node_is_retried_then_dead_and_the_plan_revised(
+    runtime_factory, tmp_path: Path
+) -> None:
+    goal = "Check these:\n- alpha\n- beta [sim:fail]\n- gamma"
+    async with runtime_factory() as (rt, _sim):
+        final, nodes = await run_goal(rt, goal, tmp_path / "out")
+        plans = await rt.store.plan_history(final.id)
+    bad = next(nid for nid in nodes if "beta" in nid and not nid.endswith("-r1"))
+    assert nodes[bad].status == "dead"
+    assert nodes[bad].attempt == 3  # the default attempt limit
+    assert len(plans) == 2 and plans[-1].revision == 1
+    retry = f"{bad}-r1"
+    assert nodes[retry].status == "done"
+    merge = plans[-1].by_id()["merge"]
+    assert bad not in merge.deps and retry in merge.deps  # never ran on the missing output
+    assert final.status == "failed"  # a node of the run died, even though the rest merged
+    assert (tmp_path / "out" / "RESULT.md").is_file()
+
+
+async def test_budget_stops_a_run_cleanly_with_a_partial_result(
+    runtime_factory, tmp_path: Path
+) -> None:
+    async with runtime_factory(sim=SimConfig(latency_ms=40)) as (rt, _sim):
+        final, nodes = await run_goal(rt, "Write a report in 40 parts", tmp_path / "out",
+                                      max_agents=4, budget=Budget(max_steps=20))
+    assert final.status == "budget_exhausted", final.error
+    assert "budget" in (final.error or "")
+    done = [n for n in nodes.values() if n.status == "done"]
+    assert 0 < len(done) < len(nodes)
+    # stopped near the limit: only steps already in flight may overshoot it
+    assert final.usage.steps <= 20 + 4 * 2
+    assert (tmp_path / "out" / "RESULT.md").read_text().count("budget") >= 1
+
+
+async def test_nested_swarm_node_runs_a_sub_swarm(runtime_factory, tmp_path: Path) -> None:
+    from swarm.models import NodeSpec, Plan
+
+    plan = Plan(nodes=[
+        NodeSpec(id="intro", title="Intro", instructions="Write an intro"),
+        NodeSpec(id="deep", kind="swarm", goal="Investigate the details in 3 parts",
+                 deps=["intro"]),
+        NodeSpec(id="merge", kind="merge", role="merger", deps=["intro", "deep"]),
+    ])
+    async with runtime_factory() as (rt, _sim):
+        final, nodes = await run_goal(rt, "Nested demo", tmp_path / "out", plan=plan)
+        runs = await rt.store.list_runs()
+    assert final.status == "done", final.error
+    child = next(r for r in runs if r.spec.parent_run == final.id)
+    assert child.status == "done" and child.spec.depth == 1
+    assert nodes["deep"].result is not None
+    assert nodes["deep"].result.data == {"run": child.id}
+    assert final.usage.llm_calls >= child.usage.llm_calls  # the child's spend rolls up
+
+
+async def test_two_nodes_editing_one_file_go_to_the_merge_agent(
+    runtime_factory, tmp_path: Path
+) -> None:
+    goal = "Edit the shared doc:\n- left [sim:write shared.md]\n- right [sim:write shared.md]"
+    out = tmp_path / "out"
+    async with runtime_factory() as (rt, _sim):
+        final, _nodes = await run_goal(rt, goal, out)
+    assert final.status == "done", final.error
+    shared = (out / "shared.md").read_text()
+    assert "<<<<<<<" not in shared and ">>>>>>>" not in shared
+    assert "item-001-left" in shared and "item-002-right" in shared  # both sides kept
+    report = (out / "RESULT.md").read_text()
+    assert "shared.md" in report and "union fallback" not in report
