@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import require
+from tests.conftest import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
