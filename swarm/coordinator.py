@@ -178,18 +178,21 @@ class Coordinator:
             elif drain_deadline == math.inf:
                 drain_deadline = anyio.current_time() + DRAIN_TIMEOUT_S
                 await self._note(run_id, f"stopping: {state.stop_reason}")
-            if not state.active() and (state.stop_reason or not self._ready(state)):
+            idle = not state.active() and (state.stop_reason or not self._ready(state))
+            # An idle run still drains its completion stream once (block 0) before it ends:
+            # it may hold a retry request or a completion a dead leader never applied.
+            block = 0 if idle else 50 if self._ready(state) else 500
+            batch = await self.store.read_completions(run_id, self.owner, count=500,
+                                                      block_ms=block)
+            for entry_id, done in batch:
+                await self._apply(state, done)
+                await self.store.ack_completion(run_id, entry_id)
+            if idle and not batch:
                 await self._settle_blocked(state)
                 return
             if state.stop_reason and anyio.current_time() > drain_deadline:
                 await self._note(run_id, "gave up waiting for running nodes", level="warning")
                 return
-            block = 50 if self._ready(state) else 500
-            for entry_id, done in await self.store.read_completions(
-                run_id, self.owner, count=500, block_ms=block
-            ):
-                await self._apply(state, done)
-                await self.store.ack_completion(run_id, entry_id)
 
     def _check_stop(self, state: RunState) -> None:
         rec = state.record
@@ -240,6 +243,11 @@ class Coordinator:
 
     async def _apply(self, state: RunState, done: Completion) -> None:
         cur = state.nodes.get(done.node)
+        if done.status == "retry":
+            if cur is not None and cur.status == "dead" and state.stop_reason is None:
+                await self._note(state.record.id, f"retrying dead node {done.node} on request")
+                await self._queue(state, done.node, expect="dead")
+            return
         if cur is None or done.attempt != cur.attempt or cur.status in ("done", "dead"):
             return  # a completion of an older attempt, or one already applied
         state.nodes[done.node] = await self.store.get_node(state.record.id, done.node)

@@ -218,7 +218,7 @@ class Completion(Model):
     run: str
     node: str
     attempt: int
-    status: Literal["done", "failed", "dead"]
+    status: Literal["done", "failed", "dead", "retry"]  # retry: a user asks to re-run a dead node
     result: NodeResult | None = None
     error: str | None = None
     usage: Usage = Field(default_factory=Usage)

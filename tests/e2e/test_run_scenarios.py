@@ -100,3 +100,20 @@ async def test_two_nodes_editing_one_file_go_to_the_merge_agent(
     assert "item-001-left" in shared and "item-002-right" in shared  # both sides kept
     report = (out / "RESULT.md").read_text()
     assert "shared.md" in report and "union fallback" not in report
+
+
+async def test_retry_of_a_dead_node_requeues_it(runtime_factory, tmp_path: Path) -> None:
+    goal = "Check these:\n- alpha\n- beta [sim:fail]"
+    async with runtime_factory() as (rt, _sim):
+        final, nodes = await run_goal(rt, goal, tmp_path / "out")
+        bad = next(nid for nid, n in nodes.items() if n.status == "dead")
+        assert final.status == "failed" and nodes[bad].attempt == 3
+        await rt.store.request_retry(final.id, bad)
+        assert (await rt.store.get_run(final.id)).status == "running"  # reopened
+        await run_in_process(rt, final.id, slots=4)  # what `swarm resume` does
+        again = await rt.store.get_node(final.id, bad)
+        events = [e for _, e in await rt.store.read_events(final.id, count=5000)]
+    assert again.attempt == 4  # one more attempt ran (and, scripted to fail, died again)
+    assert again.status == "dead"
+    assert any(getattr(e, "node", None) == bad and getattr(e, "status", None) == "running"
+               and getattr(e, "attempt", None) == 4 for e in events)
