@@ -11,8 +11,9 @@ Adapters (redis, docker, openai, uvicorn) are imported inside the commands that 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import anyio
 import typer
@@ -22,10 +23,12 @@ from swarm import __version__
 from swarm.errors import InfraUnavailable, SwarmError, UserError
 from swarm.models import Budget, RunSpec
 from swarm.settings import Endpoint, Settings
+from swarm.tui import want_tui
 
 if TYPE_CHECKING:
     from swarm.simulator import SimConfig
 
+T = TypeVar("T")
 HOST = "127.0.0.1"  # servers bind loopback only
 SIM_DEFAULT_PORT = 8900
 SIM_CHECK_GOAL = "Check that the swarm simulator can plan: survey a small project in 3 parts."
@@ -37,6 +40,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Every command's event loop: uvloop when installed (it cuts the per-request CPU of
+    thousands of concurrent agents), asyncio otherwise."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return anyio.run(fn, *args)
+    return anyio.run(fn, *args, backend_options={"use_uvloop": True})
 
 
 # ---- settings: built once, here -------------------------------------------------------
@@ -81,7 +94,7 @@ def _root(
 @app.command()
 def doctor(ctx: typer.Context) -> None:
     """Redis, Docker, the sandbox image, model endpoints: OK or why not (exit 3 if not)."""
-    raise typer.Exit(anyio.run(doctor_report, settings_of(ctx)))
+    raise typer.Exit(run_async(doctor_report, settings_of(ctx)))
 
 
 async def doctor_report(settings: Settings) -> int:
@@ -123,7 +136,7 @@ def sim(
         latency_ms=settings.sim_latency_ms if latency_ms is None else latency_ms,
     )
     if check:
-        typer.echo(anyio.run(sim_check, settings, config, port or 0))
+        typer.echo(run_async(sim_check, settings, config, port or 0))
     else:
         serve_sim(config, SIM_DEFAULT_PORT if port is None else port)
 
@@ -247,8 +260,9 @@ def run(
                     max_wall_s=budget_minutes * 60 if budget_minutes else None)
     spec = build_spec(settings, goal, workflow, param, max_agents, budget, output, model,
                       simulate, sandbox)
-    raise typer.Exit(anyio.run(lambda: commands.run(settings, spec, detached=detach, slots=slots,
-                                                    as_json=as_json)))
+    tui = want_tui(no_tui, as_json=as_json)
+    raise typer.Exit(run_async(lambda: commands.run(settings, spec, detached=detach, slots=slots,
+                                                    as_json=as_json, tui=tui)))
 
 
 @app.command()
@@ -262,8 +276,18 @@ def resume(
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.resume(settings, run_id, detached=detach,
-                                                       slots=slots)))
+    tui = want_tui(no_tui)
+    raise typer.Exit(run_async(lambda: commands.resume(settings, run_id, detached=detach,
+                                                       slots=slots, tui=tui)))
+
+
+@app.command()
+def watch(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RUN")]) -> None:
+    """The terminal UI on a run, live or finished: counts, plan, nodes, events (? for keys)."""
+    from swarm.tui import watch as watch_run
+
+    settings = settings_of(ctx)
+    raise typer.Exit(run_async(watch_run, settings, run_id))
 
 
 @app.command()
@@ -273,7 +297,7 @@ def status(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RU
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.status(settings, run_id, as_json=as_json)))
+    raise typer.Exit(run_async(lambda: commands.status(settings, run_id, as_json=as_json)))
 
 
 @app.command(name="ls")
@@ -283,7 +307,7 @@ def list_runs(ctx: typer.Context,
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.list_runs(settings, as_json=as_json)))
+    raise typer.Exit(run_async(lambda: commands.list_runs(settings, as_json=as_json)))
 
 
 @app.command()
@@ -294,7 +318,7 @@ def result(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RU
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.result(settings, run_id, output=output)))
+    raise typer.Exit(run_async(lambda: commands.result(settings, run_id, output=output)))
 
 
 @app.command()
@@ -304,7 +328,7 @@ def logs(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RUN"
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.logs(settings, run_id, node)))
+    raise typer.Exit(run_async(lambda: commands.logs(settings, run_id, node)))
 
 
 @app.command()
@@ -313,7 +337,7 @@ def cancel(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RU
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.cancel(settings, run_id)))
+    raise typer.Exit(run_async(lambda: commands.cancel(settings, run_id)))
 
 
 @app.command()
@@ -326,7 +350,7 @@ def worker(ctx: typer.Context,
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.worker(settings, slots=slots,
+    raise typer.Exit(run_async(lambda: commands.worker(settings, slots=slots,
                                                        simulate=simulate, sandbox=sandbox)))
 
 
@@ -338,7 +362,7 @@ def coordinator(ctx: typer.Context,
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.coordinator(settings, simulate=simulate)))
+    raise typer.Exit(run_async(lambda: commands.coordinator(settings, simulate=simulate)))
 
 
 @app.command()
@@ -347,7 +371,31 @@ def gc(ctx: typer.Context) -> None:
     from swarm import commands
 
     settings = settings_of(ctx)
-    raise typer.Exit(anyio.run(lambda: commands.gc(settings)))
+    raise typer.Exit(run_async(lambda: commands.gc(settings)))
+
+
+@app.command(name="export")
+def export_cmd(ctx: typer.Context, run_id: Annotated[str, typer.Argument(metavar="RUN")],
+               file: Annotated[Path, typer.Argument(metavar="FILE", help="Ends in .gz: "
+                                                    "compressed.")],
+               keep: Annotated[bool, typer.Option(help="Do not expire the run from Redis "
+                                                  "afterwards.")] = False) -> None:
+    """Write a finished run (plan, states, steps, events, usage, result) to one file; the
+    run then expires from Redis after SWARM_FINISHED_RUN_TTL_S."""
+    from swarm import commands
+
+    settings = settings_of(ctx)
+    raise typer.Exit(run_async(lambda: commands.export(settings, run_id, file, keep=keep)))
+
+
+@app.command(name="import")
+def import_cmd(ctx: typer.Context,
+               file: Annotated[Path, typer.Argument(metavar="FILE")]) -> None:
+    """Read a run written by `swarm export` back into Redis."""
+    from swarm import commands
+
+    settings = settings_of(ctx)
+    raise typer.Exit(run_async(lambda: commands.import_(settings, file)))
 
 
 # ---- entry point ----------------------------------------------------------------------

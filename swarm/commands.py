@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from swarm.coordinator import LostLeadership, leader_lease
-from swarm.errors import NotFound, UserError
+from swarm.errors import ModelError, NotFound, SandboxError, UserError
 from swarm.models import (
     NODE_STATUSES,
     TERMINAL_RUN_STATUSES,
@@ -45,9 +45,9 @@ def say(line: str) -> None:
 async def status_report(store: Store, run_id: str) -> StatusReport:
     rec = await store.get_run(run_id)
     plan = await store.get_plan(run_id)
-    nodes = await store.get_nodes(run_id)
-    ids = [n.id for n in plan.nodes] if plan else list(nodes)
-    counts = Counter(nodes[i].status for i in ids if i in nodes)
+    statuses = await store.node_statuses(run_id)
+    ids = [n.id for n in plan.nodes] if plan else list(statuses)
+    counts = Counter(statuses[i] for i in ids if i in statuses)
     return StatusReport(run=rec.id, status=rec.status,
                         counts={s: counts.get(s, 0) for s in NODE_STATUSES},
                         usage=rec.usage, elapsed_s=round(rec.elapsed_s, 2))
@@ -77,6 +77,23 @@ async def _print_progress(store: Store, run_id: str, every_s: float) -> None:
         await anyio.sleep(every_s)
 
 
+async def _show_progress(rt: Runtime, run_id: str, progress_s: float, tui: bool,
+                         finished: anyio.Event) -> None:
+    """The terminal UI until the user quits it; then, while the run goes on, progress lines."""
+    if tui:
+        from swarm.tui import show_run
+
+        await show_run(rt.store, rt.settings, run_id)
+        if finished.is_set():
+            return
+        say(f"UI closed; run {run_id} goes on in this process (Ctrl-C stops it, "
+            f"`swarm resume {run_id}` continues it later)")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_print_progress, rt.store, run_id, progress_s)
+        await finished.wait()
+        tg.cancel_scope.cancel()
+
+
 def exit_code_for(rec: RunRecord) -> int:
     return 0 if rec.status == "done" else 1
 
@@ -102,7 +119,8 @@ def detach(settings: Settings, run_id: str) -> None:
 
 
 async def run(settings: Settings, spec: RunSpec, *, detached: bool, slots: int,
-              progress_s: float = 2.0, faults: str = "", as_json: bool = False) -> int:
+              progress_s: float = 2.0, faults: str = "", as_json: bool = False,
+              tui: bool = False) -> int:
     if detached:
         store = await connect_store(settings)
         try:
@@ -120,41 +138,66 @@ async def run(settings: Settings, spec: RunSpec, *, detached: bool, slots: int,
             say("no model endpoint configured (or --simulate): using the built-in simulator; "
                 "output is simulated")
         say(f"sandboxes: {rt.sandboxes.name}")
-        return await _attach(rt, rec.id, slots, progress_s, as_json=as_json)
+        return await _attach(rt, rec.id, slots, progress_s, as_json=as_json, tui=tui)
 
 
 async def resume(settings: Settings, run_id: str, *, detached: bool, slots: int,
-                 progress_s: float = 2.0) -> int:
+                 progress_s: float = 2.0, tui: bool = False) -> int:
     store = await connect_store(settings)
     try:
         rec = await store.get_run(run_id)
-        holder = await store.lease_owner(leader_lease(run_id))
+        if rec.status not in TERMINAL_RUN_STATUSES:
+            await wait_for_dead_leader(store, run_id)
     finally:
         await store.close()
     if rec.status in TERMINAL_RUN_STATUSES:
         _finished_lines(rec, settings)
         return exit_code_for(rec)
-    if holder:
-        raise UserError(f"run {run_id} is being led by {holder}; wait for its lease to expire")
     if detached:
         detach(settings, run_id)
         say(run_id)
         return 0
     async with open_runtime(settings, simulate=rec.spec.simulate, sandbox=rec.spec.sandbox) as rt:
         say(f"resuming {run_id} from its last checkpoints")
-        return await _attach(rt, run_id, slots, progress_s)
+        return await _attach(rt, run_id, slots, progress_s, tui=tui)
+
+
+async def wait_for_dead_leader(store: Store, run_id: str, poll_s: float = 0.1) -> None:
+    """Return once nobody leads the run. A leader that died leaves a lease that runs out
+    within its TTL; a live leader renews its lease, which is how it is told apart (then
+    UserError: the run is not resumable, it is running)."""
+    name = leader_lease(run_id)
+    holder = await store.lease_owner(name)
+    if holder is None:
+        return
+    left = await store.lease_left_s(name)
+    say(f"run {run_id} was led by {holder}; waiting up to {left:.1f}s for its lease to expire")
+    began = time.monotonic()
+    while True:
+        await anyio.sleep(poll_s)
+        now_holder = await store.lease_owner(name)
+        if now_holder is None:
+            return
+        expected = left - (time.monotonic() - began)  # what is left if nobody renews it
+        renewed = await store.lease_left_s(name) > expected + max(0.25, 2 * poll_s)
+        if now_holder != holder or renewed:
+            raise UserError(f"run {run_id} is being led by {now_holder} (it renews its lease): "
+                            "it is running, not resumable")
 
 
 async def _attach(rt: Runtime, run_id: str, slots: int, progress_s: float, *,
-                  as_json: bool = False) -> int:
+                  as_json: bool = False, tui: bool = False) -> int:
+    finished = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_print_progress, rt.store, run_id, progress_s)
+        tg.start_soon(_show_progress, rt, run_id, progress_s, tui, finished)
         try:
             await run_in_process(rt, run_id, slots=slots)
-        except LostLeadership as exc:
-            raise UserError(str(exc)) from None
+        except* LostLeadership as group:  # another process leads it: say so, exit 2
+            raise UserError(str(group.exceptions[0])) from None
         finally:
-            tg.cancel_scope.cancel()
+            finished.set()
+            if not tui:  # the UI stays up on the finished run until the user quits it
+                tg.cancel_scope.cancel()
     rec = await rt.store.get_run(run_id)
     report = await status_report(rt.store, run_id)
     say(progress_line(report))
@@ -271,8 +314,12 @@ async def coordinator(settings: Settings, *, simulate: bool, poll_s: float = 2.0
         async def lead(run_id: str) -> None:
             try:
                 await rt.coordinator().lead(run_id)
-            except LostLeadership:
+            except* LostLeadership:
                 pass
+            except* (UserError, SandboxError, ModelError) as group:
+                # One run's failure (a plan that never validated...) is recorded on that
+                # run; it must not take down the leader of every other run.
+                say(f"run {run_id}: {'; '.join(str(e) for e in group.exceptions)}")
             finally:
                 leading.discard(run_id)
 
@@ -323,4 +370,39 @@ async def gc(settings: Settings) -> int:
     finally:
         await backend.aclose()
     say(f"removed {removed} sandbox container(s) no live run owns")
+    store = await connect_store(settings)
+    try:
+        pruned = await store.prune_run_index()
+    finally:
+        await store.close()
+    if pruned:
+        say(f"dropped {pruned} expired run(s) from the run index")
+    return 0
+
+
+async def export(settings: Settings, run_id: str, path: Path, *, keep: bool) -> int:
+    from swarm.archive import export_run
+
+    store = await connect_store(settings)
+    try:
+        done = await export_run(store, settings, run_id, path, keep=keep)
+    finally:
+        await store.close()
+    runs = ", ".join(done.runs)
+    say(f"exported {runs} to {done.path}")
+    if done.expires_in_s is not None:
+        say(f"  removed from Redis in {done.expires_in_s / 3600:g} h "
+            "(SWARM_FINISHED_RUN_TTL_S; `swarm import` brings it back)")
+    return 0
+
+
+async def import_(settings: Settings, path: Path) -> int:
+    from swarm.archive import import_file
+
+    store = await connect_store(settings)
+    try:
+        runs = await import_file(store, path)
+    finally:
+        await store.close()
+    say(f"imported {', '.join(runs)} from {path}")
     return 0

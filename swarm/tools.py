@@ -7,6 +7,7 @@ correct itself. The agent loop bounds how many such corrections it allows.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -68,7 +69,13 @@ FINISH = "finish"
 
 
 def tool_schemas(names: list[str]) -> list[dict[str, Any]]:
-    """OpenAI `tools` entries for the named tools (unknown names are a plan error upstream)."""
+    """OpenAI `tools` entries for the named tools (unknown names are a plan error upstream).
+    Built once per tool set: generating JSON schemas costs more than an agent step."""
+    return _schemas(tuple(names))
+
+
+@functools.cache
+def _schemas(names: tuple[str, ...]) -> list[dict[str, Any]]:
     out = []
     for name in names:
         model = TOOLS[name]
