@@ -288,6 +288,7 @@ def _prop(schema: dict[str, Any], names: tuple[str, ...]) -> str:
 
 # Directives a test or demo can put in a goal or instructions to script the simulator.
 FAIL_DIRECTIVE = "[sim:fail]"  # the agent answers nothing, every time: the node fails
+REPEAT_DIRECTIVE = "[sim:repeat]"  # the agent makes the same shell call forever
 _WRITE_RE = re.compile(r"\[sim:write ([^\]\s]+)\]")  # first write goes to this shared path
 # The merge agent's prompt shows each conflicted file between these lines.
 CONFLICT_RE = re.compile(r"^=== conflicted file: (\S+) ===\n(.*?)^=== end ===$", re.M | re.S)
@@ -325,10 +326,14 @@ def _act(cfg: SimConfig, t: Turn) -> Reply:
     own = own_text(instructions)
     if FAIL_DIRECTIVE in own:
         return Reply("")  # neither a tool call nor an answer: the agent gives up
+    if REPEAT_DIRECTIVE in own and "shell" in t.tools:  # the same call forever: a loop
+        return Reply(f"{LABEL} again", [(_call_id(cfg, t), "shell",
+                                         json.dumps({"command": "ls -la"}))])
     shared = _WRITE_RE.search(own)
     digest = f"{stable_hash(cfg.seed, t.run, t.node, i, instructions):016x}"
     prefer, other = ("write_file", "shell") if i % 2 == 0 else ("shell", "write_file")
-    name = next((n for n in (prefer, other) if n in t.tools), "finish")
+    # list_files is the fallback: benchmarks offer only it, to time steps without tool cost
+    name = next((n for n in (prefer, other, "list_files") if n in t.tools), "finish")
     if i >= cfg.tool_steps:
         name = "finish"
     args: dict[str, Any]
@@ -339,6 +344,8 @@ def _act(cfg: SimConfig, t: Turn) -> Reply:
                 _prop(schema, ("content", "text", "data")):
                     f"# {LABEL} notes of {t.node}, step {i}\n\nrun {t.run}, seed {cfg.seed}, "
                     f"digest {digest}\n\n{instructions[:400]}\n"}
+    elif name == "list_files":
+        args = {"path": "."}
     elif name == "shell":
         command = "wc -c notes/*" if i % 4 == 1 else "ls -la"
         args = {_prop(t.tools[name], ("command", "cmd")): command}
@@ -386,7 +393,31 @@ def split_inputs(text: str) -> list[tuple[str, str]]:
     return [(f"input {i}", c) for i, c in enumerate(chunks, 1)] or [("input 1", "")]
 
 
+# Compaction: the agent asks for a summary of its older steps, then shows it in place of
+# them. The summary names how many steps it covers, so the step index (and with it every
+# decision) stays the same after compaction.
+_SUMMARISE_MARK = "Summarise these agent steps"
+_COVERS_RE = re.compile(r"summary of (\d+) earlier steps")
+
+
+def compacted_steps(messages: list[dict[str, Any]]) -> int:
+    for m in messages:
+        text = _text(m.get("content"))
+        if m.get("role") == "user" and text.startswith("Summary of your earlier steps"):
+            found = _COVERS_RE.search(text)
+            return int(found.group(1)) if found else 0
+    return 0
+
+
+def _summarise(request: str) -> Reply:
+    calls = sum(1 for line in request.splitlines() if line.startswith("call "))
+    earlier = sum(int(m) for m in _COVERS_RE.findall(request))
+    return Reply(f"{LABEL} summary of {calls + earlier} earlier steps")
+
+
 def _synthesize(cfg: SimConfig, t: Turn) -> Reply:
+    if _find(t.messages, "system", last=False).startswith(_SUMMARISE_MARK):
+        return _summarise(_find(t.messages, "user", last=True))
     inputs = split_inputs(_find(t.messages, "user", last=True))
     shown = [f"{title}: {_excerpt(text)} #{stable_hash(text) % 16**6:06x}"
              for title, text in inputs[:40]]

@@ -34,6 +34,7 @@ from swarm.sim_model import (
     Reply,
     SimConfig,
     Turn,
+    compacted_steps,
     missing_reasoning,
     parse_fault_spec,
     plan_for,
@@ -123,7 +124,9 @@ class Simulator:
     ) -> Turn:
         run = request.headers.get("x-swarm-run") or "-"
         node = request.headers.get("x-swarm-node") or "-"
-        step = sum(1 for m in messages if m.get("role") == "assistant")
+        # Steps a compaction folded into a summary still count: decisions stay the same.
+        step = (sum(1 for m in messages if m.get("role") == "assistant")
+                + compacted_steps(messages))
         key = f"{run}/{node}/{step}"
         attempt = self.by_step[key]
         self.total += 1

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_fan_out_fan_in_completes_and_merges(runtime_factory, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    async with runtime_factory() as (rt, sim):
+    async with runtime_factory(sandbox="local") as (rt, _sim):
         spec = RunSpec(goal="Write a short guide in 5 parts", simulate=True, sandbox="local",
                        output_dir=str(out))
         rec = await rt.store.create_run(spec)
