@@ -10,8 +10,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE_DIR=${SWARM_PROVISION_DIR:-/var/lib/swarm}
 DOCKER_WAIT_S=${SWARM_DOCKER_WAIT_S:-60}
-BASE_IMAGE=swarm-base:bookworm
-BASE_PACKAGES=python3,git,procps,diffutils,patch,ca-certificates
+BASE_IMAGE=swarm-base:bookworm-2
+# Bump BASE_IMAGE's tag when this list changes, so provisioning builds the new base.
+BASE_PACKAGES=python3,python3-pytest,git,procps,diffutils,patch,ca-certificates
 SANDBOX_DIR="$ROOT/sandboxes/default"
 SANDBOX_IMAGE=swarm-sandbox:latest
 HASH_LABEL=swarm.content-hash

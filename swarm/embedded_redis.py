@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 
 from swarm.errors import RedisUnavailable
 from swarm.settings import Settings
@@ -130,6 +132,10 @@ def running_pid(paths: RedisPaths) -> int | None:
     return pid if _alive(pid) and _is_our_redis(pid, paths) else None
 
 
+def _run_quietly(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, capture_output=True, check=False, timeout=30)
+
+
 async def _start(settings: Settings, paths: RedisPaths) -> None:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -147,7 +153,9 @@ async def _start(settings: Settings, paths: RedisPaths) -> None:
         "--pidfile", str(paths.pidfile),
         "--logfile", str(paths.logfile),
     ]  # fmt: skip
-    done = await anyio.run_process(argv, check=False)
+    # A plain subprocess in a thread, not anyio.run_process: under uvloop the loop's child
+    # watcher never reports the exit of a process that daemonizes (seen: a hang forever).
+    done = await anyio.to_thread.run_sync(_run_quietly, argv)
     if done.returncode != 0:
         output = (done.stderr or done.stdout or b"").decode(errors="replace")
         raise RedisUnavailable(f"redis-server failed to start: {_one_line(output)}")

@@ -8,7 +8,7 @@ import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +18,11 @@ import anyio.to_thread
 
 from swarm.coordinator import Coordinator
 from swarm.embedded_redis import ensure_embedded_redis
-from swarm.errors import DockerUnavailable, ModelUnavailable
+from swarm.errors import ModelUnavailable
 from swarm.finalize import Finalizer
 from swarm.llm import LLM
 from swarm.planner import Planner
-from swarm.sandbox.base import SandboxBackend
+from swarm.sandbox import SandboxBackend, open_backend
 from swarm.settings import Endpoint, Settings
 from swarm.store import Store
 from swarm.worker import Worker
@@ -96,21 +96,10 @@ async def connect_store(settings: Settings) -> Store:
 
 
 async def pick_sandboxes(settings: Settings, wanted: str) -> SandboxBackend:
-    """Docker when an engine answers (or when asked for); else the local backend, loudly."""
-    choice = settings.sandbox if wanted == "auto" else wanted
-    if choice in ("docker", "auto"):
-        from swarm.sandbox.docker import DockerBackend
-
-        try:
-            backend = DockerBackend(settings)
-            await backend.connect()
-            return backend
-        except DockerUnavailable:
-            if choice == "docker":
-                raise
-    from swarm.sandbox.local import LocalBackend
-
-    return LocalBackend(settings)
+    """Docker when an engine answers (or when asked for); else the local backend, loudly.
+    `async with` the result: a Docker backend keeps its warm pool inside that block."""
+    chosen = settings if wanted == "auto" else settings.model_copy(update={"sandbox": wanted})
+    return await open_backend(chosen, pool_size=settings.sandbox_pool_size)
 
 
 @dataclass
@@ -136,23 +125,19 @@ class Runtime:
 async def open_runtime(settings: Settings, *, simulate: bool = False, sandbox: str = "auto",
                        faults: str = "") -> AsyncIterator[Runtime]:
     """Everything a process needs, torn down in reverse on exit."""
-    store = await connect_store(settings)
-    try:
-        sandboxes = await pick_sandboxes(settings, sandbox)
-        try:
-            if simulate or not settings.endpoints:
-                async with simulator_process(settings, faults=faults) as url:
-                    llm = LLM(sim_endpoints(url), on_event=store.emit)
-                    yield Runtime(settings, store, llm, sandboxes, simulated=True)
-                    await llm.aclose()
-            else:
-                llm = LLM(settings.endpoints, on_event=store.emit)
-                yield Runtime(settings, store, llm, sandboxes, simulated=False)
-                await llm.aclose()
-        finally:
-            await sandboxes.aclose()
-    finally:
-        await store.close()
+    async with AsyncExitStack() as stack:
+        store = await connect_store(settings)
+        stack.push_async_callback(store.close)
+        sandboxes = await stack.enter_async_context(await pick_sandboxes(settings, sandbox))
+        simulated = simulate or not settings.endpoints
+        if simulated:
+            url = await stack.enter_async_context(simulator_process(settings, faults=faults))
+            endpoints = sim_endpoints(url)
+        else:
+            endpoints = settings.endpoints
+        llm = LLM(endpoints, on_event=store.emit)
+        stack.push_async_callback(llm.aclose)
+        yield Runtime(settings, store, llm, sandboxes, simulated=simulated)
 
 
 async def run_in_process(rt: Runtime, run_id: str, *, slots: int) -> None:
@@ -166,4 +151,4 @@ async def run_in_process(rt: Runtime, run_id: str, *, slots: int) -> None:
             stop.set()
 
 
-__all__ = ["DockerUnavailable", "Runtime", "open_runtime", "run_in_process"]
+__all__ = ["Runtime", "open_runtime", "run_in_process"]

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_appendfsync: Literal["everysec", "always"] = "everysec"
     redis_max_connections: int = Field(default=64, ge=1)
+    # How long a running process rides out a Redis restart (retrying) before it gives up.
+    redis_outage_s: float = Field(default=10.0, ge=0)
+    # Retention: a finished run is deleted from Redis this long after it was exported
+    # (`swarm export`); 0 keeps it until deleted by hand.
+    finished_run_ttl_s: float = Field(default=7 * 24 * 3600.0, ge=0)
 
     # Work queue semantics.
     lease_ttl_s: float = Field(default=30.0, gt=0)
@@ -63,6 +68,7 @@ class Settings(BaseSettings):
     sandbox: Literal["docker", "local", "auto"] = "auto"
     sandbox_image: str = "swarm-sandbox:latest"
     docker_threads: int = Field(default=16, ge=1)
+    sandbox_pool_size: int = Field(default=8, ge=0, description="warm containers kept ready")
 
     # Simulator defaults (used when no endpoint is configured or --simulate).
     sim_latency_ms: int = Field(default=50, ge=0)

@@ -19,7 +19,6 @@ from pathlib import Path
 import anyio
 import openai
 import pytest
-from tests.conftest import require
 
 from swarm import dag
 from swarm.cli import swarm_error_in
@@ -29,6 +28,7 @@ from swarm.models import Plan
 from swarm.planner import plan_tool
 from swarm.settings import Settings
 from swarm.simulator import SimulatorThread
+from tests.conftest import require
 
 SWARM = Path(sys.executable).with_name("swarm")
 

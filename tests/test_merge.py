@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import pytest
-from tests.conftest import require
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +34,7 @@ from swarm.merge import (
     tree_reduce,
 )
 from swarm.models import Usage
+from tests.conftest import require
 
 # ---- reduce_groups / reduce_levels (pure) ------------------------------------------------
 

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVISION = ROOT / "scripts" / "provision.sh"
-IMAGES = ("swarm-base:bookworm", "swarm-sandbox:latest")
+IMAGES = ("swarm-base:bookworm-2", "swarm-sandbox:latest")
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
