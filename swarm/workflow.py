@@ -7,23 +7,22 @@ can fix the file without guessing. The format is documented in workflows/README.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import glob as globlib
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, get_args
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from swarm import dag
-from swarm.errors import NotFound, PlanInvalid, UserError
+from swarm.errors import PlanInvalid, UserError
 from swarm.models import Model, NodeSpec, Plan
+from swarm.workflow_source import Loc, Source, suggest
 
 INPUTS_ROOT = "/inputs"
 ITEM_VARS = ("item", "item_name", "item_rel", "index")
@@ -31,11 +30,6 @@ KNOWN_TOOLS: tuple[str, ...] = tuple(NodeSpec(id="x").tools)
 _PARAM_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INPUT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _TOKEN_RE = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}|[{}]")
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_NULL_TAG = "tag:yaml.org,2002:null"
-
-Loc = tuple[str | int, ...]
-M = TypeVar("M", bound=BaseModel)
 
 
 class WorkflowLoad(Model):
@@ -90,7 +84,7 @@ def load_workflow(
 ) -> WorkflowLoad:
     """Load, expand and validate a workflow file. Relative input paths and globs start at
     `cwd` (the process's working directory by default). Raises UserError/PlanInvalid."""
-    src = _Source.read(path)
+    src = Source.read(path)
     doc = src.validate(WorkflowFile, _without_extensions(src.data), ())
     values = _resolve_params(src, doc.params, params or {})
     r = _Renderer(src, values)
@@ -123,192 +117,8 @@ def _without_extensions(data: Any) -> Any:
     return {k: v for k, v in data.items() if not k.startswith("x-")}
 
 
-# ---- the file: YAML nodes kept beside the data, so any location maps back to a line -----
-
-
-@dataclass
-class _Source:
-    file: str
-    text: str
-    data: Any = None
-    values: dict[Loc, yaml.Node] = field(default_factory=dict)
-    keys: dict[Loc, yaml.Node] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, path: Path) -> _Source:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise NotFound(f"{path}: no such workflow file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: cannot read workflow file: {exc}") from None
-        src = cls(file=str(path), text=text)
-        try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            if root is None:
-                raise UserError(f"{path}:1:1: workflow file is empty")
-            src.data = src._convert(root, ())
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            context = f" ({exc.context})" if exc.context and exc.problem else ""
-            raise UserError(
-                f"{where}: YAML syntax error: {exc.problem or exc.context}{context}"
-            ) from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: YAML error: {exc}") from None
-        return src
-
-    def _convert(self, node: yaml.Node, loc: Loc) -> Any:
-        # Scalars stay the text written (so `3.10` stays "3.10"); pydantic coerces where a
-        # field wants a number or a boolean.
-        self.values[loc] = node
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, loc)
-        if isinstance(node, yaml.SequenceNode):
-            return [self._convert(n, (*loc, i)) for i, n in enumerate(node.value)]
-        return None if node.tag == _NULL_TAG else node.value
-
-    def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
-        first: dict[str, yaml.Node] = {}
-        for k, _ in node.value:
-            if k.tag == _MERGE_TAG:
-                continue
-            name = self._key(k)
-            if name in first:
-                self.fail_at(k, f"duplicate key {name!r} (first at line {_line(first[name])})")
-            first[name] = k
-        yaml.constructor.SafeConstructor().flatten_mapping(node)  # `<<: *anchor` merge keys
-        out: dict[str, Any] = {}
-        for k, v in node.value:
-            name = self._key(k)
-            self.keys[(*loc, name)] = k
-            out[name] = self._convert(v, (*loc, name))
-        return out
-
-    def _key(self, node: yaml.Node) -> str:
-        if not isinstance(node, yaml.ScalarNode):
-            self.fail_at(node, "mapping keys must be plain strings")
-        return str(node.value)
-
-    def fail_at(self, node: yaml.Node, msg: str, cls: type[UserError] = UserError) -> NoReturn:
-        m = node.start_mark
-        raise cls(f"{self.file}:{m.line + 1}:{m.column + 1}: {msg}")
-
-    def fail(self, loc: Loc, msg: str, *, key: bool = False, offset: int | None = None,
-             cls: type[UserError] = UserError) -> NoReturn:
-        """Raise `cls` located at `loc` (its key with key=True, a char of a scalar with offset)."""
-        found = self.resolve(loc)
-        node = self.values[found]
-        exact = found == tuple(loc)
-        if key and exact and found in self.keys:
-            node = self.keys[found]
-        line, col = node.start_mark.line, node.start_mark.column
-        if offset is not None and exact and isinstance(node, yaml.ScalarNode):
-            line, col = self._scalar_pos(node, offset)
-        raise cls(f"{self.file}:{line + 1}:{col + 1}: {msg}")
-
-    def resolve(self, loc: Loc) -> Loc:
-        """The longest part of `loc` that has a YAML node (skips pydantic's union tags)."""
-        found: Loc = ()
-        for part in loc:
-            if (*found, part) in self.values:
-                found = (*found, part)
-        return found
-
-    def _scalar_pos(self, node: yaml.ScalarNode, offset: int) -> tuple[int, int]:
-        """Line and column of character `offset` of a scalar's value, where that is exact."""
-        start, end, value = node.start_mark, node.end_mark, str(node.value)
-        if node.style is None and start.line == end.line:
-            return start.line, start.column + offset
-        raw = self.text[start.index + 1 : end.index - 1]
-        if node.style in ("'", '"') and start.line == end.line and raw == value:
-            return start.line, start.column + 1 + offset
-        if node.style == "|":  # literal block: value line k is source line start.line + 1 + k
-            head = value.rfind("\n", 0, offset) + 1
-            line = start.line + 1 + value.count("\n", 0, offset)
-            in_value = value[head:].split("\n", 1)[0]
-            lines = self.text.split("\n")
-            if line < len(lines) and lines[line].rstrip("\r").endswith(in_value):
-                return line, len(lines[line].rstrip("\r")) - len(in_value) + offset - head
-        return start.line, start.column
-
-    def line_of(self, loc: Loc) -> int:
-        node = self.keys.get(loc) or self.values.get(loc)
-        return _line(node) if node is not None else 0
-
-    def validate(
-        self, model: type[M], data: Any, loc: Loc, *, label: str = "", extra: Iterable[str] = ()
-    ) -> M:
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = self.resolve((*loc, *err["loc"]))[len(loc) :]
-            msg, key = _describe(model, err, tuple(extra), _dotted(where))
-            self.fail((*loc, *err["loc"]), label + msg, key=key)
-
-
-def _line(node: yaml.Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-def _dotted(loc: Loc) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-_PLAIN_TYPES = {"dict_type": "a mapping", "model_type": "a mapping", "list_type": "a list",
-                "string_type": "a string"}
-
-
-def _describe(
-    model: type[BaseModel], err: Any, extra: tuple[str, ...], where: str
-) -> tuple[str, bool]:
-    """One readable line for a pydantic error, and whether it points at a key."""
-    loc, kind = tuple(err["loc"]), err["type"]
-    name = str(loc[-1]) if loc else ""
-    if kind == "extra_forbidden":
-        inner = _model_at(model, loc[:-1])
-        known = [*(inner.model_fields if inner else ()), *(extra if len(loc) == 1 else ())]
-        return f"unknown field {name!r}{_suggest(name, known)}", True
-    if kind == "missing":
-        return f"missing field {name!r}", False
-    if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
-        got = str(err["input"])
-        hint = _suggest(got, choices)
-        return f"unknown {name} {got!r}{hint}; expected one of: {', '.join(choices)}", False
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if kind in _PLAIN_TYPES:
-        msg = f"expected {_PLAIN_TYPES[kind]}"
-    return (f"{where}: {msg}" if where else msg), False
-
-
-def _model_at(model: type[BaseModel] | None, loc: Loc) -> type[BaseModel] | None:
-    """The model that validates the mapping at `loc` (None inside a plain dict or list)."""
-    for part in loc:
-        info = model.model_fields.get(part) if model and isinstance(part, str) else None
-        if info is not None:
-            model = _inner_model(info.annotation)
-    return model
-
-
-def _inner_model(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    return next((m for m in map(_inner_model, get_args(ann)) if m is not None), None)
-
-
-def _suggest(word: str, choices: Iterable[str], fmt: str = "{!r}") -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
-
-
-# ---- params and `{name}` substitution ---------------------------------------------------
-
-
 def _resolve_params(
-    src: _Source, declared: dict[str, str | None], given: Mapping[str, str]
+    src: Source, declared: dict[str, str | None], given: Mapping[str, str]
 ) -> dict[str, str]:
     for name in declared:
         if not _PARAM_RE.match(name) or name in ITEM_VARS:
@@ -318,7 +128,7 @@ def _resolve_params(
         if name not in declared:
             listed = ", ".join(declared) or "(none)"
             raise UserError(
-                f"{src.file}: unknown param {name!r}{_suggest(name, declared)}; "
+                f"{src.file}: unknown param {name!r}{suggest(name, declared)}; "
                 f"declared params: {listed}"
             )
     values = {**declared, **given}
@@ -330,7 +140,7 @@ def _resolve_params(
 
 @dataclass
 class _Renderer:
-    src: _Source
+    src: Source
     params: dict[str, str]
 
     def text(self, value: str, loc: Loc, item: Mapping[str, str] | None = None) -> str:
@@ -356,7 +166,7 @@ class _Renderer:
             return "stray brace: write '{{' or '}}' for a literal brace"
         if name in ITEM_VARS:
             return f"'{{{name}}}' is only defined in the fields of a node with map: (not its id)"
-        hint = _suggest(name, [*self.params, *(item or ())], "'{{{}}}'")
+        hint = suggest(name, [*self.params, *(item or ())], "'{{{}}}'")
         listed = ", ".join(self.params) or "(none)"
         return (
             f"unknown param '{{{name}}}'{hint}; declared params: {listed} "
@@ -507,7 +317,7 @@ def _over_items(
     if target is None:
         mapped = [t.id for t in entries if t.map is not None and t is not e]
         r.src.fail(loc, f"node {e.id!r}: map.over {name!r} is not a node with map:"
-                        f"{_suggest(name, mapped)}")
+                        f"{suggest(name, mapped)}")
     if target is e or target.id in seen:
         r.src.fail(loc, f"node {e.id!r}: map.over loops: {' -> '.join([*seen, e.id, name])}")
     _expand(r, target, entries, base, roots, (*seen, e.id))
@@ -515,7 +325,7 @@ def _over_items(
     return target.items
 
 
-def _check_total(src: _Source, entries: list[_Entry], max_nodes: int) -> None:
+def _check_total(src: Source, entries: list[_Entry], max_nodes: int) -> None:
     total = sum(len(e.items) if e.items is not None else 1 for e in entries)
     if total > max_nodes:
         fans = sorted((e for e in entries if e.items), key=lambda e: -len(e.items or []))
@@ -544,13 +354,13 @@ def _build(r: _Renderer, e: _Entry, k: int) -> NodeSpec:
     return spec
 
 
-def _check_kind(src: _Source, e: _Entry, spec: NodeSpec) -> None:
+def _check_kind(src: Source, e: _Entry, spec: NodeSpec) -> None:
     loc: Loc = ("nodes", e.index)
     given = spec.model_fields_set
     for j, tool in enumerate(spec.tools):
         if tool not in KNOWN_TOOLS:
             src.fail((*loc, "tools", j), f"node {e.id!r}: unknown tool {tool!r}"
-                     f"{_suggest(tool, KNOWN_TOOLS)}; tools: {', '.join(KNOWN_TOOLS)}")
+                     f"{suggest(tool, KNOWN_TOOLS)}; tools: {', '.join(KNOWN_TOOLS)}")
     if spec.kind == "command" and not (spec.command or "").strip():
         src.fail((*loc, "kind"), f"command node {e.id!r} needs a 'command'")
     if spec.kind == "swarm" and not (spec.goal or spec.instructions):
@@ -563,7 +373,7 @@ def _check_kind(src: _Source, e: _Entry, spec: NodeSpec) -> None:
                                    f"(this node is kind: {spec.kind})", key=True)
 
 
-def _link(src: _Source, entries: list[_Entry]) -> list[NodeSpec]:
+def _link(src: Source, entries: list[_Entry]) -> list[NodeSpec]:
     """Replace deps on mapped nodes by their expansions; unknown deps are errors here."""
     expanded = {e.id: [s.id for s in e.specs] for e in entries if e.items is not None}
     concrete: dict[str, _Entry] = {}
@@ -586,7 +396,7 @@ def _link(src: _Source, entries: list[_Entry]) -> list[NodeSpec]:
                     targets = [dep]
                 else:
                     src.fail(("nodes", e.index, "deps", j), f"node {e.id!r} depends on unknown "
-                             f"node {dep!r}{_suggest(dep, names)}", cls=PlanInvalid)
+                             f"node {dep!r}{suggest(dep, names)}", cls=PlanInvalid)
                 for t in targets:
                     origin.setdefault(t, j)
             e.origins[spec.id] = origin
@@ -594,7 +404,7 @@ def _link(src: _Source, entries: list[_Entry]) -> list[NodeSpec]:
     return out
 
 
-def _check_cycle(src: _Source, entries: list[_Entry], plan: Plan) -> None:
+def _check_cycle(src: Source, entries: list[_Entry], plan: Plan) -> None:
     cycle = dag.find_cycle(plan.nodes)
     if not cycle:
         return
