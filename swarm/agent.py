@@ -11,7 +11,7 @@ were not recorded run again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -117,8 +117,12 @@ class Agent:
     def __init__(self, *, run: str, goal: str, spec: NodeSpec, claim: Claim, store: StepStore,
                  llm: ChatModel, sandbox: Sandbox, inputs: dict[str, str],
                  model: str | None = None,
-                 halt: Callable[[], str | None] = lambda: None) -> None:
+                 halt: Callable[[], str | None] = lambda: None,
+                 guard: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`guard`: awaited before every model call and every batch of tool calls; raises
+        (FencedOut) when this attempt is no longer ours to continue."""
         self.run, self.spec, self.claim, self.halt = run, spec, claim, halt
+        self.guard = guard
         self.store, self.llm, self.sandbox, self.model = store, llm, sandbox, model
         self.tools = tool_schemas(spec.tools)
         self.t = Transcript(system=SYSTEM_PROMPT, task=task_prompt(goal, spec, inputs))
@@ -134,6 +138,7 @@ class Agent:
                 if isinstance(nxt, GiveUp):
                     raise AgentFailed(nxt.reason)
                 if isinstance(nxt, ToolCalls):
+                    await self._check()
                     await self._run_tools(nxt.calls)
                 reason = self.halt()
                 if reason:
@@ -159,6 +164,7 @@ class Agent:
 
     async def step(self) -> Next:
         """One LLM turn, checkpointed before anything acts on it."""
+        await self._check()
         await self._maybe_compact()
         res = await self.llm.chat("worker", self.t.messages(), self.tools, run=self.run,
                                   node=self.spec.id, model=self.model)
@@ -169,6 +175,10 @@ class Agent:
         await self.store.append_step(self.claim, record, event)
         self.t.records.append(record)
         return self._decide(res.message, calls_of(res.message))
+
+    async def _check(self) -> None:
+        if self.guard is not None:
+            await self.guard()
 
     def _decide(self, message: dict, calls: list[ToolCall]) -> Next:
         for call in calls:

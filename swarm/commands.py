@@ -159,7 +159,19 @@ async def resume(settings: Settings, run_id: str, *, detached: bool, slots: int,
         return 0
     async with open_runtime(settings, simulate=rec.spec.simulate, sandbox=rec.spec.sandbox) as rt:
         say(f"resuming {run_id} from its last checkpoints")
+        await reap_orphans(rt)
         return await _attach(rt, run_id, slots, progress_s, tui=tui)
+
+
+async def reap_orphans(rt: Runtime) -> None:
+    """Remove sandbox containers left by processes that died: those of finished runs and
+    the warm pools of dead processes. Every unfinished run counts as live here (its
+    containers are re-attached by whoever runs its nodes next, or removed at its end)."""
+    live = [r.id for r in await rt.store.list_runs(limit=100_000)
+            if r.status not in TERMINAL_RUN_STATUSES]
+    removed = await rt.sandboxes.gc(live)
+    if removed:
+        say(f"removed {removed} orphaned sandbox container(s)")
 
 
 async def wait_for_dead_leader(store: Store, run_id: str, poll_s: float = 0.1) -> None:
@@ -223,7 +235,9 @@ async def list_runs(settings: Settings, *, as_json: bool) -> int:
         rows: list[dict[str, Any]] = []
         for rec in await store.list_runs():
             led = await store.lease_owner(leader_lease(rec.id))
-            resumable = rec.status not in TERMINAL_RUN_STATUSES and not led
+            # A nested run is resumed with its parent (whose leader leads it), not alone.
+            resumable = (rec.status not in TERMINAL_RUN_STATUSES and not led
+                         and not rec.spec.parent_run)
             rows.append({"run": rec.id, "status": rec.status, "resumable": resumable,
                          "created_at": rec.created_at, "goal": rec.spec.goal[:80],
                          "parent": rec.spec.parent_run})
@@ -302,6 +316,7 @@ async def worker(settings: Settings, *, slots: int, simulate: bool, sandbox: str
     async with open_runtime(settings, simulate=simulate, sandbox=sandbox) as rt:
         w = rt.worker(slots)
         say(f"worker {w.name}: {slots} slots, sandboxes {rt.sandboxes.name}")
+        await reap_orphans(rt)
         await _serve_until_signal(w.serve)
     return 0
 

@@ -1,7 +1,9 @@
 """The end of a run: synthesise the results, merge the nodes' files, write RESULT.md.
 
-Rerunnable from scratch (a crash mid-merge is resumed by doing it again): the synthesis is a
-deterministic function of the node results, and the file merge rebuilds the output repo.
+Rerunnable from scratch (a crash mid-merge is resumed by doing it again): the file merge
+rebuilds the output repo deterministically, and every model call of the stage (synthesis,
+merge agent) is recorded as it returns (replay.py), so a rerun replays the calls already made
+instead of repeating them. Recording charges the run, so nothing here charges it again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import anyio
 from swarm import dag
 from swarm.agent import ChatModel
 from swarm.coordinator import RunState
+from swarm.errors import SwarmError
 from swarm.merge import (
     ConflictResolver,
     FileMergeReport,
@@ -22,7 +25,8 @@ from swarm.merge import (
     render_report,
 )
 from swarm.merge_agent import AgentResolver
-from swarm.models import LogLine, Usage
+from swarm.models import LogLine
+from swarm.replay import RecordedChat, RunRecorder
 from swarm.sandbox.base import SandboxBackend
 from swarm.settings import Settings
 from swarm.store import Store
@@ -45,23 +49,27 @@ class Finalizer:
                  sandboxes: SandboxBackend | None = None) -> None:
         self.store, self.llm, self.settings, self.sandboxes = store, llm, settings, sandboxes
 
-    def _resolver(self, state: RunState) -> ConflictResolver | None:
+    def _resolver(self, state: RunState, llm: ChatModel) -> ConflictResolver | None:
         if self.sandboxes is None:
             return None  # conflicts then get the deterministic union fallback
         spec = state.record.spec
-        return AgentResolver(self.store, self.llm, self.sandboxes, run=state.record.id,
-                             goal=spec.goal, model=spec.models.get("merger"))
+        return AgentResolver(self.store, llm, self.sandboxes, run=state.record.id,
+                             goal=spec.goal, model=spec.models.get("merger"), charge=False)
 
     async def __call__(self, state: RunState) -> str:
         rec = state.record
+        llm = RecordedChat(self.llm, RunRecorder(self.store, rec.id))
         if rec.spec.parent_run:  # a nested run hands its synthesis up; the parent writes files
-            text, usage = await self._synthesise(state)
-            await self.store.add_run_usage(rec.id, usage)
+            text = await self._synthesise(state, llm)
+            await self._reap(rec.id)
             return text
         out = output_dir_for(self.settings, state)
-        files = await self._merge_files(state, out)
-        text, usage = await self._synthesise(state)
-        await self.store.add_run_usage(rec.id, usage)
+        files = await self._merge_files(state, out, llm)
+        await self._note(rec.id, f"merge stage: files of {len(files.merged)} node(s) merged, "
+                                 f"{files.files} file(s), commit {files.commit}")
+        text = await self._synthesise(state, llm)
+        await self._note(rec.id, f"merge stage: synthesis done ({llm.replayed} recorded "
+                                 "model call(s) replayed)")
         rec = await self.store.get_run(rec.id)
         report = render_report(
             run_id=rec.id, goal=rec.spec.goal, status=state.final_status or rec.status,
@@ -70,26 +78,45 @@ class Finalizer:
         )
         await anyio.Path(out / "RESULT.md").write_text(report)
         await self.store.emit(LogLine(run=rec.id, message=f"result written to {out}"))
+        await self._reap(rec.id)
         return text
 
-    async def _synthesise(self, state: RunState) -> tuple[str, Usage]:
+    async def _note(self, run_id: str, message: str) -> None:
+        await self.store.emit(LogLine(run=run_id, message=message))
+
+    async def _reap(self, run_id: str) -> None:
+        """Remove every sandbox container the run still has: no node of it runs any more,
+        and what is left belongs to workers that died (their workspaces stay)."""
+        if self.sandboxes is None:
+            return
+        try:
+            removed = await self.sandboxes.remove_run(run_id)
+        except SwarmError as exc:  # the result stands; `swarm gc` can finish the job
+            await self.store.emit(LogLine(run=run_id, level="warning",
+                                          message=f"could not remove the run's sandboxes: {exc}"))
+            return
+        if removed:
+            await self._note(run_id, f"removed {removed} leftover sandbox container(s)")
+
+    async def _synthesise(self, state: RunState, llm: ChatModel) -> str:
         outs = sinks(state)
         results = [(nid, state.nodes[nid].result.summary)  # type: ignore[union-attr]
                    for nid in outs if state.nodes[nid].result]
         if not results:
-            return "(no node finished: nothing to synthesise)", Usage()
+            return "(no node finished: nothing to synthesise)"
         if len(results) == 1:  # a plan that ends in one merge node already synthesised
-            return results[0][1], Usage()
-        merger = TextMerger(self.llm, model=state.record.spec.models.get("merger"))
-        return await merger.synthesize(state.record.id, state.record.spec.goal, results)
+            return results[0][1]
+        merger = TextMerger(llm, model=state.record.spec.models.get("merger"))
+        text, _usage = await merger.synthesize(state.record.id, state.record.spec.goal, results)
+        return text
 
-    async def _merge_files(self, state: RunState, out: Path) -> FileMergeReport:
+    async def _merge_files(self, state: RunState, out: Path, llm: ChatModel) -> FileMergeReport:
         order = dag.topological_order(state.plan)
         root = self.settings.workspaces_dir / state.record.id
         workspaces = [(nid, root / nid) for nid in order
                       if state.nodes.get(nid) and state.nodes[nid].status == "done"
                       and (root / nid).is_dir()]
-        return await merge_workspaces(out, workspaces, resolver=self._resolver(state))
+        return await merge_workspaces(out, workspaces, resolver=self._resolver(state, llm))
 
     @staticmethod
     def _rows(state: RunState) -> list[NodeReportRow]:

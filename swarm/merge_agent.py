@@ -51,9 +51,10 @@ class MemorySteps:
 
 class AgentResolver:
     def __init__(self, store: Store, llm: ChatModel, sandboxes: SandboxBackend, *,
-                 run: str, goal: str, model: str | None = None) -> None:
+                 run: str, goal: str, model: str | None = None, charge: bool = True) -> None:
+        """charge=False: `llm` charges the run itself (replay.RecordedChat does)."""
         self.store, self.llm, self.sandboxes = store, llm, sandboxes
-        self.run, self.goal, self.model = run, goal, model
+        self.run, self.goal, self.model, self.charge = run, goal, model, charge
 
     async def resolve(self, repo: Path, node: str, files: list[str]) -> bool:
         texts = await self._read(repo, files)
@@ -80,7 +81,8 @@ class AgentResolver:
         except (AgentFailed, SandboxError, OSError):
             return False
         finally:
-            await self.store.add_run_usage(self.run, steps.usage)
+            if self.charge:
+                await self.store.add_run_usage(self.run, steps.usage)
             await self.sandboxes.close(sandbox)
 
     @staticmethod

@@ -9,14 +9,15 @@ checkpointed), then hands the job back so another worker continues from that ste
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from swarm.agent import Agent, AgentFailed, Halted
-from swarm.errors import FencedOut, SwarmError
+from swarm.errors import FencedOut, RedisUnavailable, SwarmError
 from swarm.llm import LLM
 from swarm.models import (
     TERMINAL_RUN_STATUSES,
@@ -28,6 +29,7 @@ from swarm.models import (
     Usage,
 )
 from swarm.node_kinds import run_command_node, run_merge_node
+from swarm.replay import NodeRecorder, RecordedChat
 from swarm.sandbox.base import SandboxBackend
 from swarm.settings import Settings
 from swarm.store import Store
@@ -37,11 +39,19 @@ log = logging.getLogger(__name__)
 RUN_REFRESH_S = 1.0  # how stale a worker's view of a run's status/budget may be
 
 
+def uptime() -> float:
+    """A clock that keeps counting while the process is stopped and while the machine
+    sleeps (CLOCK_MONOTONIC stops during suspend on Linux), so a pause shows as one."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
 @dataclass
 class Held:
     claim: Claim
     scope: anyio.CancelScope
     completing: bool = False  # its completion is being written: a heartbeat must not cancel it
+    beat_at: float = field(default_factory=uptime)  # the last time the fence was confirmed
 
 
 class Worker:
@@ -93,12 +103,28 @@ class Worker:
     async def _heartbeats(self) -> None:
         while True:
             await anyio.sleep(self.settings.heartbeat_s)
-            for key, held in list(self.held.items()):
-                if held.completing or key not in self.held:
-                    continue
-                if not await self.store.heartbeat(held.claim) and not held.completing:
+            batch = [(key, held) for key, held in self.held.items() if not held.completing]
+            beats = await self.store.heartbeat_many([held.claim for _, held in batch])
+            now = uptime()
+            for (key, held), alive in zip(batch, beats, strict=True):
+                if alive:
+                    held.beat_at = now
+                elif not held.completing and self.held.get(key) is held:
                     log.warning("fenced out of %s; stopping it", key)
                     held.scope.cancel()
+
+    async def _guard(self, held: Held) -> None:
+        """Before an agent spends a model call or runs tools: if the fence has not been
+        confirmed for a while (this process was stopped, the machine slept, the loop
+        stalled), confirm it first. A job reclaimed meanwhile stops here, before it acts."""
+        stale_after = max(2 * self.settings.heartbeat_s, self.settings.lease_ttl_s / 2)
+        if uptime() - held.beat_at < stale_after:
+            return
+        if not await self.store.heartbeat(held.claim):
+            job = held.claim.job
+            raise FencedOut(f"node {job.node!r} of run {job.run!r} was reclaimed while this "
+                            "worker was paused")
+        held.beat_at = uptime()
 
     async def _refresh_runs(self) -> None:
         while True:
@@ -108,6 +134,9 @@ class Worker:
 
     def _start(self, tg: anyio.abc.TaskGroup, claim: Claim) -> None:
         key = f"{claim.job.run}/{claim.job.node}"
+        old = self.held.get(key)
+        if old is not None:  # reclaimed by this very worker (it stalled past its lease):
+            old.scope.cancel()  # the old copy's token is stale; only the new one may write
         held = Held(claim, anyio.CancelScope())
         self.held[key] = held
         tg.start_soon(self._run_job, held, key)
@@ -118,15 +147,20 @@ class Worker:
         claim = held.claim
         try:
             with held.scope:
-                completion = await self._execute(claim)
+                completion = await self._execute(claim, held)
                 held.completing = True
                 await self.store.complete(claim, completion)
         except FencedOut:
-            log.info("job %s was taken over by another worker", key)
+            log.warning("job %s was taken over by another worker; dropped it", key)
         except Halted as stop:
             await self._halted(claim, str(stop))
+        except RedisUnavailable as exc:
+            # Not the node's fault: record nothing. The job stays pending and is reclaimed
+            # (by any worker, this one too) once Redis is back, from its last checkpoint.
+            log.warning("job %s abandoned, Redis is unavailable: %s", key, exc)
         finally:
-            del self.held[key]
+            if self.held.get(key) is held:
+                del self.held[key]
             self._room.set()
 
     async def _halted(self, claim: Claim, reason: str) -> None:
@@ -140,7 +174,7 @@ class Worker:
         except FencedOut:
             pass
 
-    async def _execute(self, claim: Claim) -> Completion:
+    async def _execute(self, claim: Claim, held: Held) -> Completion:
         job = claim.job
         base = Completion(run=job.run, node=job.node, attempt=job.attempt, status="failed")
         try:
@@ -150,11 +184,11 @@ class Worker:
             if plan is None or job.node not in plan.by_id():
                 return base.model_copy(update={"error": "node is not in the run's plan"})
             spec = plan.by_id()[job.node]
-            result, usage = await self._dispatch(claim, run, spec)
-            if spec.kind != "agent":  # agents charge the run step by step as they checkpoint
+            result, usage = await self._dispatch(claim, run, spec, held)
+            if spec.kind not in ("agent", "merge"):  # those charge the run as they checkpoint
                 await self.store.add_run_usage(run.id, usage)
             return base.model_copy(update={"status": "done", "result": result, "usage": usage})
-        except (FencedOut, Halted):
+        except (FencedOut, Halted, RedisUnavailable):
             raise
         except AgentFailed as exc:
             return base.model_copy(update={"error": str(exc)})
@@ -164,11 +198,14 @@ class Worker:
             log.exception("job %s/%s crashed", job.run, job.node)
             return base.model_copy(update={"error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    async def _dispatch(self, claim: Claim, run: RunRecord,
-                        spec: NodeSpec) -> tuple[NodeResult, Usage]:
+    async def _dispatch(self, claim: Claim, run: RunRecord, spec: NodeSpec,
+                        held: Held) -> tuple[NodeResult, Usage]:
         inputs = await self._inputs(run.id, spec)
         if spec.kind == "merge":
-            return await run_merge_node(self.llm, run, spec, inputs)
+            # Each merger call is checkpointed in the node's step stream as it returns; a
+            # rerun (after a crash) replays those and asks only for the rest.
+            recorded = RecordedChat(self.llm, NodeRecorder(self.store, claim))
+            return await run_merge_node(recorded, run, spec, inputs)
         if spec.kind == "swarm":
             raise AgentFailed(f"nested swarm depth limit of {self.settings.max_depth} reached")
         mounts = {f"/deps/{d}": self._workspace(run.id, d) for d in spec.deps}
@@ -179,7 +216,8 @@ class Worker:
                 return await run_command_node(sandbox, spec)
             agent = Agent(run=run.id, goal=run.spec.goal, spec=spec, claim=claim,
                           store=self.store, llm=self.llm, sandbox=sandbox, inputs=inputs,
-                          model=run.spec.models.get("worker"), halt=lambda: self._halt(run.id))
+                          model=run.spec.models.get("worker"), halt=lambda: self._halt(run.id),
+                          guard=lambda: self._guard(held))
             return await agent.run_to_end()
         finally:
             with anyio.CancelScope(shield=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from swarm.errors import UserError
 from swarm.models import Completion, NodeState
+from swarm.store.archive import ArchiveStore, RunDump
 from swarm.store.base import translate_errors
 from swarm.store.keys import Keys
 from swarm.store.queue import QueueStore
@@ -17,7 +18,7 @@ from swarm.store.runs import RunsStore, new_run_id
 
 
 @translate_errors
-class Store(RunsStore, QueueStore):
+class Store(RunsStore, QueueStore, ArchiveStore):
     """Runs, plans, node states, the work queue, checkpoints, events and leases in Redis."""
 
     async def request_retry(self, run_id: str, node_id: str) -> NodeState:
@@ -28,9 +29,11 @@ class Store(RunsStore, QueueStore):
         if node.status != "dead":
             raise UserError(f"node {node_id!r} is {node.status}, not dead: nothing to retry")
         await self.set_run_status(run_id, "running", expect={"failed"})
+        if await self._r.hexists(self.keys.run(run_id), "exported_at"):
+            await self.persist_run(run_id)  # reopened: no longer a finished run to expire
         request = Completion(run=run_id, node=node_id, attempt=node.attempt, status="retry")
         await self._r.xadd(self.keys.done(run_id), {"c": request.model_dump_json()})
         return node
 
 
-__all__ = ["Keys", "Store", "new_run_id"]
+__all__ = ["Keys", "RunDump", "Store", "new_run_id"]

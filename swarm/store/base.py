@@ -10,13 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff, ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from swarm.errors import RedisUnavailable, UserError
-from swarm.models import Event, parse_event
+from swarm.models import Event, Plan, RunSpec, parse_event
 from swarm.settings import Settings
 from swarm.store.keys import Keys
 from swarm.store.scripts import Scripts
@@ -87,6 +87,9 @@ class StoreBase:
         self.where = redact(url)
         self._lua = Scripts(r)
         self._maxlen = settings.event_stream_maxlen
+        # Immutable per run (spec) or per revision (plan): parsed once per process.
+        self._spec_cache: dict[str, RunSpec] = {}
+        self._plan_cache: dict[str, tuple[int, Plan]] = {}
 
     @classmethod
     async def connect(cls, url: str, settings: Settings) -> Self:
@@ -115,6 +118,10 @@ class StoreBase:
         except (RedisError, OSError) as e:
             await r.aclose()
             raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {one_line(e)}") from e
+        # Connected: from now on ride out a Redis restart (AOF replay included) for up to
+        # settings.redis_outage_s, instead of failing the first call that meets it. Scripts
+        # and stream reads are safe to retry (see scripts.py), so retrying is too.
+        r.set_retry(outage_retry(settings.redis_outage_s))
         return store
 
     async def close(self) -> None:
@@ -187,6 +194,21 @@ class StoreBase:
     async def lease_owner(self, name: str) -> str | None:
         owner: str | None = await self._r.get(self.keys.lease(name))
         return owner
+
+    async def lease_left_s(self, name: str) -> float:
+        """Seconds until the lease expires unless renewed; 0 when nobody holds it."""
+        ms: int = await self._r.pttl(self.keys.lease(name))
+        return max(0, ms) / 1000
+
+
+def outage_retry(outage_s: float) -> Retry:
+    """Retries whose waits add up to at least `outage_s` (equal jitter: each wait is at
+    least half its step, and steps reach 1 s after a few tries)."""
+    waits, steps = 0.0, 0
+    while waits < outage_s:
+        waits += min(1.0, 0.05 * 2**steps) / 2
+        steps += 1
+    return Retry(EqualJitterBackoff(base=0.05, cap=1.0), retries=max(4, steps))
 
 
 def _ms(seconds: float) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class Keys:
     """Key names under one prefix. Run and node ids never contain ':' (see models._ID_RE)."""
@@ -59,6 +61,21 @@ class Keys:
     def steps(self, run: str, node: str) -> str:
         """Stream: a node's checkpointed agent steps."""
         return f"{self.prefix}run:{run}:node:{node}:steps"
+
+    def replanned(self, run: str) -> str:
+        """Set: `node@attempt` of every dead node whose replan was done."""
+        return f"{self.prefix}run:{run}:replanned"
+
+    def calls(self, run: str) -> str:
+        """Hash: recorded model calls of the merge stage, call key -> answer JSON."""
+        return f"{self.prefix}run:{run}:calls"
+
+    def run_keys(self, run: str, nodes: Iterable[str]) -> list[str]:
+        """Every key that belongs to one run (for export, expiry and deletion)."""
+        fixed = [self.run(run), self.plan(run), self.plans(run), self.nodes(run),
+                 self.results(run), self.holders(run), self.done(run), self.events(run),
+                 self.replanned(run), self.calls(run), self.lease(f"run:{run}:leader")]
+        return fixed + [self.steps(run, node) for node in nodes]
 
     def lease(self, name: str) -> str:
         """String with a TTL: who holds the lease `name`."""

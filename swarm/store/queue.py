@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from swarm.errors import FencedOut
 from swarm.models import (
@@ -156,6 +156,32 @@ class QueueStore(StoreBase):
         )
         return bool(ok)
 
+    async def heartbeat_many(self, claims: list[Claim]) -> list[bool]:
+        """`heartbeat` for every job a worker holds, in one round trip: one at a time, a
+        busy worker's pass over hundreds of jobs can outlast the lease it is renewing."""
+        if not claims:
+            return []
+        k = self.keys
+        for attempt in (1, 2):
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for claim in claims:
+                        job = claim.job
+                        await self._lua.heartbeat(
+                            keys=[k.nodes(job.run), k.jobs],
+                            args=[job.node, claim.token, Keys.WORKERS, claim.entry_id],
+                            client=pipe,
+                        )
+                    replies = await pipe.execute()
+                break
+            except NoScriptError:
+                # Redis restarted between the pipeline loading the script and running it
+                # (redis-py resends a pipeline after a broken connection, but does not
+                # load its scripts again): the next execute loads it.
+                if attempt == 2:
+                    raise
+        return [bool(r) for r in replies]
+
     async def release(self, claim: Claim) -> None:
         """Hand the job back (worker shutting down): queued again, for any worker to take."""
         k, job = self.keys, claim.job
@@ -270,6 +296,20 @@ class QueueStore(StoreBase):
             }
             for row in rows
         ]
+
+    async def queued_jobs(self, run_id: str) -> set[tuple[str, int]]:
+        """(node, attempt) of every job of the run still on the queue (waiting or held)."""
+        out: set[tuple[str, int]] = set()
+        cursor = "-"
+        while True:
+            entries = await self._r.xrange(self.keys.jobs, min=cursor, max="+", count=1000)
+            for _entry_id, fields in entries:
+                job = _parse_job(fields)
+                if job is not None and job.run == run_id:
+                    out.add((job.node, job.attempt))
+            if len(entries) < 1000:
+                return out
+            cursor = "(" + entries[-1][0]
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first: {"id", "job" (parsed), "reason", "entry", "deliveries", "at"}."""

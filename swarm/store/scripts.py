@@ -11,8 +11,11 @@ worker whose node the coordinator moved on can change nothing.
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 PRELUDE = r"""
 local function load_node(nodes, id)
@@ -149,9 +152,13 @@ return 1
 
 # KEYS: 1 nodes, 2 steps, 3 events, 4 run. ARGV: 1 node, 2 token, 3 now, 4 maxlen, 5 step,
 #   6 event, 7 tokens_in, 8 tokens_out, 9 llm_calls, 10 steps, 11 cost_usd
+# A step identical to the last one recorded is the same call retried by redis-py after its
+# connection broke (the reply was lost, not the write): recorded and charged once.
 APPEND_STEP = r"""
 local node = owned(KEYS[1], ARGV[1], ARGV[2])
 if not node then return 0 end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last and last[2][2] == ARGV[5] then return 1 end
 redis.call('XADD', KEYS[2], '*', 's', ARGV[5])
 node.steps = node.steps + tonumber(ARGV[10])  -- LLM turns, not records (tools add none)
 -- The step's spend lands on the node and the run in the same write, so budgets and the
@@ -242,9 +249,10 @@ emit(KEYS[4], ARGV[4], ARGV[8])
 return entry
 """
 
-# KEYS: 1 nodes, 2 results, 3 events
+# KEYS: 1 nodes, 2 results, 3 events, 4 jobs
 # ARGV: 1 node, 2 expect_attempt, 3 expect_statuses JSON, 4 changes JSON,
-#       5 result mode keep|set|clear, 6 result JSON, 7 now, 8 maxlen, 9 event JSON
+#       5 result mode keep|set|clear, 6 result JSON, 7 now, 8 maxlen, 9 event JSON,
+#       10 job JSON or '' (enqueued in the same step: a node is never `queued` without a job)
 TRANSITION = r"""
 local node = load_node(KEYS[1], ARGV[1])
 if not node or node.attempt ~= tonumber(ARGV[2]) then return false end
@@ -257,6 +265,7 @@ if ARGV[5] == 'set' then
 elseif ARGV[5] == 'clear' then
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
+if ARGV[10] ~= '' then redis.call('XADD', KEYS[4], '*', 'job', ARGV[10]) end
 if node.status ~= was and ARGV[9] ~= '' then emit(KEYS[3], ARGV[8], ARGV[9]) end
 return {raw, redis.call('HGET', KEYS[2], ARGV[1])}
 """
@@ -310,12 +319,34 @@ return 1
 """
 
 
+class Script:
+    """A registered script that outlives Redis restarts. redis-py loads a script the server
+    lost (a restarted Redis starts with none) once per call; when the server restarts again
+    between that load and the call (its retry rode out the outage), the call fails with
+    NoScriptError: load again, a few times."""
+
+    TRIES = 4
+
+    def __init__(self, script: AsyncScript) -> None:
+        self.script = script
+
+    async def __call__(self, keys: list[Any] | None = None, args: list[Any] | None = None,
+                       client: Any = None) -> Any:
+        for attempt in range(1, self.TRIES + 1):
+            try:
+                return await self.script(keys=keys, args=args, client=client)
+            except NoScriptError:
+                if attempt == self.TRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+
 class Scripts:
-    """The registered scripts of one client (EVALSHA, reloaded by redis-py after a restart)."""
+    """The registered scripts of one client (EVALSHA, reloaded after a restart)."""
 
     def __init__(self, r: Redis) -> None:
-        def reg(body: str, *preludes: str) -> AsyncScript:
-            return r.register_script("".join((PRELUDE, *preludes, body)))
+        def reg(body: str, *preludes: str) -> Script:
+            return Script(r.register_script("".join((PRELUDE, *preludes, body))))
 
         self.start = reg(START, JOB_PRELUDE)
         self.reclaim = reg(RECLAIM, JOB_PRELUDE)

@@ -1,0 +1,39 @@
+"""Chaos with Docker sandboxes: everything SIGKILLed while 50+ containers run. `swarm gc`
+then leaves none; `swarm resume` re-attaches or recreates each node's sandbox (workspaces
+intact: the merged output equals an undisturbed run's) and leaves none when the run ends."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.chaos import harness
+from tests.chaos.conftest import SMALL
+from tests.conftest import require
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+
+def docker_ready() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    done = subprocess.run(["docker", "image", "inspect", "swarm-sandbox:latest"],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_sigkill_with_50_live_containers_leaves_no_orphans(
+    chaos_root: Path, baseline_small: harness.Outcome
+) -> None:
+    require(docker_ready(), "no Docker engine or no swarm-sandbox:latest image")
+    # Slow answers while killing (agents hold their containers a while), then fast.
+    out, kills, figures = harness.kill_with_containers(chaos_root, SMALL, min_live=50,
+                                                       latency_ms=500, finish_latency_ms=5)
+    print(f"\ndocker: {figures}")
+    assert figures["live containers at kill 1"] >= 50
+    assert figures["live containers at kill 2"] >= 50
+    assert figures["left after swarm gc"] == 0
+    assert figures["left after resume"] == 0
+    harness.check(out, baseline_small, kills, nodes=SMALL + 1)
