@@ -91,6 +91,10 @@ class Proc:
         except subprocess.TimeoutExpired:
             return None
 
+    def note(self, line: str) -> None:
+        with open(self.log, "a") as out:
+            out.write(f"==== harness: {self.name} {line}\n")
+
     def tail(self, chars: int = 2000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
@@ -165,6 +169,7 @@ class Cluster:
             "SWARM_SANDBOX": self.sandbox,
             "SWARM_REDIS_OUTAGE_S": "15",
             "PYTHONPATH": str(REPO),
+            "PYTHONFAULTHANDLER": "1",  # a crash in native code leaves a traceback
         })
         for role in ("PLANNER", "WORKER", "MERGER"):
             env[f"SWARM_ENDPOINTS__{role}__BASE_URL"] = base
@@ -673,10 +678,12 @@ def kill_redis(root: Path, parts: int, *, seed: int, restarts: int = 1, lose_s: 
             for p in list(c.procs):
                 if not p.alive() and p.popen.returncode != 0 and p.name.startswith("worker"):
                     lost["processes restarted"] += 1
+                    p.note(f"exited {p.popen.returncode}; restarting it")
                     c.procs.remove(p)
                     c.worker(p.name)
             if not proc.alive() and proc.popen.returncode != 0:
                 lost["processes restarted"] += 1
+                proc.note(f"exited {proc.popen.returncode}; restarting it")
                 proc = c.resume()
             time.sleep(0.5)
         proc.wait(timeout=60)
