@@ -641,3 +641,14 @@ def test_render_report_without_simulator_or_files() -> None:
                          files=None, usage=Usage(), elapsed_s=1.5, simulated=False)
     assert "simulator" not in text
     assert "No file merge was made" in text and "No nodes ran" in text and "1.5 s" in text
+
+
+@pytest.mark.anyio
+async def test_write_temp_files_left_by_a_killed_process_are_not_merged(tmp_path: Path) -> None:
+    # A worker SIGKILLed between writing a temp file and renaming it leaves this behind.
+    ws = workspace(tmp_path, "a", {"notes/a.md": "real", "notes/.a.md.swarm-0123abcd": "half"})
+    out = tmp_path / "out"
+    report = await merge_workspaces(out, [("a", ws)])
+    assert (out / "notes" / "a.md").read_text() == "real"
+    assert not (out / "notes" / ".a.md.swarm-0123abcd").exists()
+    assert report.files == 1

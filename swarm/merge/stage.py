@@ -18,6 +18,7 @@ from pathlib import Path
 
 from swarm.merge.git import Git, GitError, shown
 from swarm.sandbox.safe_copy import CopyLimitExceeded, copy_tree_safely
+from swarm.sandbox.workspace import is_temp_name
 
 _REFUSED_RE = re.compile(rb"^error: unable to add '(.*)' to index$", re.M)
 
@@ -54,7 +55,8 @@ def _drop_git_entries(stage: Path) -> None:
             dirs.remove(name)
             shutil.rmtree(os.path.join(here, name))
         for name in files:
-            if name.lower() == ".git":
+            # .git files, and write temp files a killed process left (never the agent's work)
+            if name.lower() == ".git" or is_temp_name(name):
                 os.unlink(os.path.join(here, name))
 
 

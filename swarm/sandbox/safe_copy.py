@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import stat
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from typing import IO
 from pydantic import BaseModel, Field
 
 from swarm.errors import SandboxError
-from swarm.sandbox.workspace import iter_tree, open_dir, open_regular, open_root
+from swarm.sandbox.workspace import iter_tree, open_dir, open_regular, open_root, temp_name
 
 DEFAULT_MAX_FILES = 10_000
 DEFAULT_MAX_BYTES = 1 << 30
@@ -65,7 +64,7 @@ def _store(dest_fd: int, parts: list[str], src: IO[bytes], size: int, mode: int)
     """Write `size` bytes of src at parts under dest_fd, through a temporary name."""
     dir_fd = open_dir(dest_fd, parts[:-1], create=True)
     try:
-        tmp = f".{parts[-1][:100]}.swarm-{secrets.token_hex(4)}"
+        tmp = temp_name(parts[-1])
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=dir_fd)
         try:

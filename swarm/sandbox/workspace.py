@@ -11,6 +11,7 @@ name, which replaces a planted link instead of writing through it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections import deque
@@ -30,6 +31,19 @@ CONTAINER_ROOT = "/workspace"
 # Not descended into by list_files: thousands of entries no agent wants to page through.
 LIST_SKIP_DIRS = frozenset({".git"})
 
+
+
+# Files are written to a temp name and renamed into place. A process killed between the two
+# leaves the temp file behind; it is swarm's, never the agent's work, and is not merged.
+_TEMP_RE = re.compile(r"^\..+\.swarm-[0-9a-f]{8}$", re.S)
+
+
+def temp_name(name: str) -> str:
+    return f".{name[:100]}.swarm-{secrets.token_hex(4)}"
+
+
+def is_temp_name(name: str) -> bool:
+    return bool(_TEMP_RE.match(name))
 
 def sandbox_owner() -> tuple[int, int] | None:
     """uid:gid that sandboxes run as, when files made on the host must be handed to it.
@@ -159,7 +173,7 @@ def write_into(dir_fd: int, name: str, data: bytes, *, mode: int | None = None,
             mode = stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else 0o644
         except FileNotFoundError:
             mode = 0o644
-    tmp = f".{name[:100]}.swarm-{secrets.token_hex(4)}"
+    tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  mode, dir_fd=dir_fd)
     try:

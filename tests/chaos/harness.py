@@ -721,7 +721,7 @@ def kill_with_containers(root: Path, parts: int, *, min_live: int = 50, slots: i
         c.create_run(goal_for(parts), max_agents=slots)
         for wave in (1, 2):
             proc = c.resume(slots=slots)
-            c.wait_for(lambda: live() >= min_live, 120, f"{min_live} live containers",
+            c.wait_for(lambda: live() >= min_live, 300, f"{min_live} live containers",
                        poll=0.2)
             kills.append(c.snapshot_kill(proc, phase_of(c)))
             figures[f"live containers at kill {wave}"] = live()
