@@ -17,6 +17,7 @@ from typing import Protocol
 
 import anyio
 
+from swarm.chat import ChatModel
 from swarm.errors import SwarmError
 from swarm.models import (
     Claim,
@@ -83,10 +84,9 @@ class StepStore(Protocol):
     async def replace_steps(self, claim: Claim, steps: list[StepRecord]) -> None: ...
 
 
-class ChatModel(Protocol):
-    async def chat(self, role: str, messages: list[dict], tools: list[dict] | None = None, *,
-                   run: str, node: str | None = None, model: str | None = None,
-                   max_tokens: int | None = None): ...  # -> llm.ChatResult
+class AgentModel(ChatModel, Protocol):
+    """An agent also needs its endpoint's context window, to know when to compact."""
+
     def endpoint_for(self, role: str) -> Endpoint: ...
 
 
@@ -115,7 +115,7 @@ class Agent:
     """Runs one attempt of an agent node to a result, resuming from its checkpoints."""
 
     def __init__(self, *, run: str, goal: str, spec: NodeSpec, claim: Claim, store: StepStore,
-                 llm: ChatModel, sandbox: Sandbox, inputs: dict[str, str],
+                 llm: AgentModel, sandbox: Sandbox, inputs: dict[str, str],
                  model: str | None = None,
                  halt: Callable[[], str | None] = lambda: None,
                  guard: Callable[[], Awaitable[None]] | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 
 from swarm import dag
-from swarm.agent import ChatModel
+from swarm.agent import AgentModel
 from swarm.coordinator import RunState
 from swarm.errors import SwarmError
 from swarm.merge import (
@@ -45,11 +45,11 @@ def output_dir_for(settings: Settings, state: RunState) -> Path:
 
 
 class Finalizer:
-    def __init__(self, store: Store, llm: ChatModel, settings: Settings, *,
+    def __init__(self, store: Store, llm: AgentModel, settings: Settings, *,
                  sandboxes: SandboxBackend | None = None) -> None:
         self.store, self.llm, self.settings, self.sandboxes = store, llm, settings, sandboxes
 
-    def _resolver(self, state: RunState, llm: ChatModel) -> ConflictResolver | None:
+    def _resolver(self, state: RunState, llm: AgentModel) -> ConflictResolver | None:
         if self.sandboxes is None:
             return None  # conflicts then get the deterministic union fallback
         spec = state.record.spec
@@ -98,7 +98,7 @@ class Finalizer:
         if removed:
             await self._note(run_id, f"removed {removed} leftover sandbox container(s)")
 
-    async def _synthesise(self, state: RunState, llm: ChatModel) -> str:
+    async def _synthesise(self, state: RunState, llm: AgentModel) -> str:
         outs = sinks(state)
         results = [(nid, state.nodes[nid].result.summary)  # type: ignore[union-attr]
                    for nid in outs if state.nodes[nid].result]
@@ -110,7 +110,7 @@ class Finalizer:
         text, _usage = await merger.synthesize(state.record.id, state.record.spec.goal, results)
         return text
 
-    async def _merge_files(self, state: RunState, out: Path, llm: ChatModel) -> FileMergeReport:
+    async def _merge_files(self, state: RunState, out: Path, llm: AgentModel) -> FileMergeReport:
         order = dag.topological_order(state.plan)
         root = self.settings.workspaces_dir / state.record.id
         workspaces = [(nid, root / nid) for nid in order

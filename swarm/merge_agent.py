@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 
-from swarm.agent import Agent, AgentFailed, ChatModel
+from swarm.agent import Agent, AgentFailed, AgentModel
 from swarm.errors import SandboxError
 from swarm.models import Claim, Job, NodeLimits, NodeSpec, StepRecord, StepTaken, Usage
 from swarm.sandbox.base import SandboxBackend
@@ -50,7 +50,7 @@ class MemorySteps:
 
 
 class AgentResolver:
-    def __init__(self, store: Store, llm: ChatModel, sandboxes: SandboxBackend, *,
+    def __init__(self, store: Store, llm: AgentModel, sandboxes: SandboxBackend, *,
                  run: str, goal: str, model: str | None = None, charge: bool = True) -> None:
         """charge=False: `llm` charges the run itself (replay.RecordedChat does)."""
         self.store, self.llm, self.sandboxes = store, llm, sandboxes

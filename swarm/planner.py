@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 
 from swarm import dag
+from swarm.chat import ChatModel
 from swarm.errors import PlanInvalid
 from swarm.models import NodeState, Plan, Usage
 from swarm.transcript import calls_of
@@ -28,12 +29,6 @@ sub-agent can follow alone, `deps` (ids it needs results from), `kind` (`agent` 
 `command` for a plain shell command, `merge` to combine results, `swarm` for a large part
 that needs its own sub-swarm), and `handoff` (what it must hand on). Prefer many small
 independent nodes over a few big ones. End with one `merge` node that depends on the leaves."""
-
-
-class ChatModel(Protocol):
-    async def chat(self, role: str, messages: list[dict], tools: list[dict] | None = None, *,
-                   run: str, node: str | None = None, model: str | None = None,
-                   max_tokens: int | None = None) -> Any: ...
 
 
 def plan_tool() -> dict[str, Any]:

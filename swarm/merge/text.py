@@ -7,8 +7,9 @@ prompt size is bounded whatever the number of nodes. The model is reached throug
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
+from swarm.chat import ChatModel
 from swarm.errors import UserError
 from swarm.merge.reduce import reduce_levels, tree_reduce
 from swarm.models import Usage
@@ -34,21 +35,6 @@ _PARTIAL_TASK = """This is an intermediate merge (level {level}): your text will
 with others later. Write at most {limit} characters, and keep node ids next to their findings."""
 
 
-class ChatModel(Protocol):
-    """The slice of `llm.LLM` the merger needs. The reply has `.content: str | None` and
-    `.usage: swarm.models.Usage`."""
-
-    async def chat(
-        self,
-        role: str,
-        messages: list[dict[str, Any]],
-        tools: list[dict[str, Any]] | None = None,
-        *,
-        run: str,
-        node: str | None = None,
-        model: str | None = None,
-        max_tokens: int | None = None,
-    ) -> Any: ...
 
 
 def clip(text: str, limit: int) -> str:
