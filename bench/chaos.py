@@ -87,7 +87,7 @@ def main() -> int:
                                                   restarts=args.redis_restarts,
                                                   appendfsync="everysec", lose_s=1.0),
         "docker": lambda: harness.kill_with_containers(root / "docker", args.docker_parts,
-                                                       latency_ms=500, finish_latency_ms=5),
+                                                       latency_ms=12_000, finish_latency_ms=5),
     }
     failures = 0
     for name in chosen:

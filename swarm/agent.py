@@ -80,7 +80,7 @@ class StepStore(Protocol):
     async def load_steps(self, run_id: str, node_id: str) -> list[StepRecord]: ...
     async def append_step(
         self, claim: Claim, step: StepRecord, event: StepTaken | None = None
-    ) -> None: ...
+    ) -> Usage: ...  # the run's usage totals after this step
     async def replace_steps(self, claim: Claim, steps: list[StepRecord]) -> None: ...
 
 
@@ -117,15 +117,17 @@ class Agent:
     def __init__(self, *, run: str, goal: str, spec: NodeSpec, claim: Claim, store: StepStore,
                  llm: AgentModel, sandbox: Sandbox, inputs: dict[str, str],
                  model: str | None = None,
-                 halt: Callable[[], str | None] = lambda: None,
+                 halt: Callable[[Usage | None], str | None] = lambda _run_usage: None,
                  guard: Callable[[], Awaitable[None]] | None = None) -> None:
         """`guard`: awaited before every model call and every batch of tool calls; raises
-        (FencedOut) when this attempt is no longer ours to continue."""
+        (FencedOut) when this attempt is no longer ours to continue. `halt` gets the run's
+        usage as of this agent's last step and says why to stop, if it should."""
         self.run, self.spec, self.claim, self.halt = run, spec, claim, halt
         self.guard = guard
         self.store, self.llm, self.sandbox, self.model = store, llm, sandbox, model
         self.tools = tool_schemas(spec.tools)
         self.t = Transcript(system=SYSTEM_PROMPT, task=task_prompt(goal, spec, inputs))
+        self.run_usage: Usage | None = None
 
     async def run_to_end(self) -> tuple[NodeResult, Usage]:
         """The node's result and the usage of this whole node (all attempts' steps)."""
@@ -140,7 +142,7 @@ class Agent:
                 if isinstance(nxt, ToolCalls):
                     await self._check()
                     await self._run_tools(nxt.calls)
-                reason = self.halt()
+                reason = self.halt(self.run_usage)
                 if reason:
                     raise Halted(reason)
                 nxt = self._limits_reached() or await self.step()
@@ -172,7 +174,7 @@ class Agent:
         record = StepRecord(n=self.t.next_n, kind="assistant", message=res.message, usage=usage)
         event = StepTaken(run=self.run, node=self.spec.id, n=record.n,
                           tool_calls=[c.name for c in res.tool_calls], tokens=usage.tokens)
-        await self.store.append_step(self.claim, record, event)
+        self.run_usage = await self.store.append_step(self.claim, record, event)
         self.t.records.append(record)
         return self._decide(res.message, calls_of(res.message))
 

@@ -33,10 +33,15 @@ from swarm.store import Store
 
 
 def sinks(state: RunState) -> list[str]:
-    """Done nodes that no other node consumes: the run's outputs."""
-    used = {d for n in state.plan.nodes for d in n.deps}
-    return [n.id for n in state.plan.nodes
-            if n.id not in used and state.nodes.get(n.id) and state.nodes[n.id].status == "done"]
+    """Done nodes that no done node consumes: the run's outputs. A consumer that never
+    finished (a run stopped by its budget, a dead node) does not absorb its inputs, so a
+    partial run still synthesises what its finished nodes produced."""
+    def done(nid: str) -> bool:
+        node = state.nodes.get(nid)
+        return node is not None and node.status == "done"
+
+    used = {d for n in state.plan.nodes if done(n.id) for d in n.deps}
+    return [n.id for n in state.plan.nodes if n.id not in used and done(n.id)]
 
 
 def output_dir_for(settings: Settings, state: RunState) -> Path:

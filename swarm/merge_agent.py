@@ -41,9 +41,10 @@ class MemorySteps:
         return list(self.steps)
 
     async def append_step(self, claim: Claim, step: StepRecord,
-                          event: StepTaken | None = None) -> None:
+                          event: StepTaken | None = None) -> Usage:
         self.steps.append(step)
         self.usage = self.usage + step.usage
+        return self.usage  # the merge agent's own spend is all this store sees
 
     async def replace_steps(self, claim: Claim, steps: list[StepRecord]) -> None:
         self.steps = list(steps)

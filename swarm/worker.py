@@ -216,20 +216,26 @@ class Worker:
                 return await run_command_node(sandbox, spec)
             agent = Agent(run=run.id, goal=run.spec.goal, spec=spec, claim=claim,
                           store=self.store, llm=self.llm, sandbox=sandbox, inputs=inputs,
-                          model=run.spec.models.get("worker"), halt=lambda: self._halt(run.id),
+                          model=run.spec.models.get("worker"),
+                          halt=lambda seen: self._halt(run.id, seen),
                           guard=lambda: self._guard(held))
             return await agent.run_to_end()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.sandboxes.close(sandbox)
 
-    def _halt(self, run_id: str) -> str | None:
-        """Why an agent of this run should stop after its current step, if it should."""
+    def _halt(self, run_id: str, seen: Usage | None = None) -> str | None:
+        """Why an agent of this run should stop after its current step, if it should.
+        `seen`: the run's usage as the agent's last step write returned it, fresher than
+        the periodic refresh, so every agent of the run stops within a step of a budget."""
         if self.stopping:
             return "worker shutting down"
         run = self._runs.get(run_id)
         if run is None:
             return None
+        if seen is not None and seen.steps > run.usage.steps:
+            run = run.model_copy(update={"usage": seen})
+            self._runs[run_id] = run
         if run.status in TERMINAL_RUN_STATUSES or run.status == "merging":
             return f"run is {run.status}"
         return run.spec.budget.exceeded_by(run.usage, run.elapsed_s)

@@ -22,6 +22,7 @@ from swarm.models import (
     LogLine,
     NodeStatusChanged,
     StepRecord,
+    Usage,
     now,
 )
 from swarm.store.base import StoreBase
@@ -322,11 +323,13 @@ class QueueStore(StoreBase):
 
     # ---- checkpoints -------------------------------------------------------------------
 
-    async def append_step(self, claim: Claim, step: StepRecord, event: Event | None = None) -> None:
+    async def append_step(self, claim: Claim, step: StepRecord,
+                          event: Event | None = None) -> Usage:
         """The hot path: one round trip per agent step. The step's usage is charged to the
-        node and the run in the same script."""
+        node and the run in the same script, which answers with the run's new totals (what
+        lets a worker stop at a budget without polling)."""
         k, job, u = self.keys, claim.job, step.usage
-        ok = await self._lua.append_step(
+        totals = await self._lua.append_step(
             keys=[k.nodes(job.run), k.steps(job.run, job.node), k.events(job.run),
                   k.run(job.run)],
             args=[
@@ -343,8 +346,11 @@ class QueueStore(StoreBase):
                 repr(u.cost_usd),
             ],
         )
-        if not ok:
+        if not totals:
             raise _fenced(claim, "append_step")
+        tin, tout, calls, steps, cost = (v or 0 for v in totals)
+        return Usage(tokens_in=int(tin), tokens_out=int(tout), llm_calls=int(calls),
+                     steps=int(steps), cost_usd=float(cost))
 
     async def load_steps(self, run_id: str, node_id: str) -> list[StepRecord]:
         entries = await self._r.xrange(self.keys.steps(run_id, node_id))

@@ -154,11 +154,13 @@ return 1
 #   6 event, 7 tokens_in, 8 tokens_out, 9 llm_calls, 10 steps, 11 cost_usd
 # A step identical to the last one recorded is the same call retried by redis-py after its
 # connection broke (the reply was lost, not the write): recorded and charged once.
+# Returns 0 when fenced out, else the run's usage totals (HMGET order of `totals`).
 APPEND_STEP = r"""
 local node = owned(KEYS[1], ARGV[1], ARGV[2])
 if not node then return 0 end
+local totals = {'tokens_in', 'tokens_out', 'llm_calls', 'steps', 'cost_usd'}
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
-if last and last[2][2] == ARGV[5] then return 1 end
+if last and last[2][2] == ARGV[5] then return redis.call('HMGET', KEYS[4], unpack(totals)) end
 redis.call('XADD', KEYS[2], '*', 's', ARGV[5])
 node.steps = node.steps + tonumber(ARGV[10])  -- LLM turns, not records (tools add none)
 -- The step's spend lands on the node and the run in the same write, so budgets and the
@@ -179,7 +181,9 @@ if cost ~= 0 then
 end
 save_node(KEYS[1], node, ARGV[3])
 if ARGV[6] ~= '' then emit(KEYS[3], ARGV[4], ARGV[6]) end
-return 1
+-- The run's totals after this charge: the writer learns at once that a budget is reached,
+-- instead of running on a stale view until its next refresh.
+return redis.call('HMGET', KEYS[4], unpack(totals))
 """
 
 # KEYS: 1 nodes, 2 steps. ARGV: 1 node, 2 token, 3.. steps

@@ -707,13 +707,21 @@ def kill_with_containers(root: Path, parts: int, *, min_live: int = 50, slots: i
     """Docker sandboxes. Everything is SIGKILLed twice while at least `min_live` containers
     run: after the first kill `swarm gc` must remove them all; after the second, `swarm
     resume` re-attaches (or recreates) what it needs and the run must end with none left.
-    Slow model answers keep containers alive together; `finish_latency_ms` speeds the
-    simulator up for the rest of the run once the kills are done."""
+    Slow model answers keep containers alive together: an agent holds its container from
+    its first tool call through its next model calls, so with answers slower than the engine
+    needs to start `min_live` containers they are all alive at once on any machine (a fixed
+    short latency made the peak depend on the engine's speed and was missed on a slow one).
+    `finish_latency_ms` speeds the simulator up for the rest of the run once the kills are
+    done."""
     figures: dict[str, int] = {}
     kills: list[Kill] = []
     with Cluster(root, sandbox="docker", **cluster_kw) as c:
         def live() -> int:
-            return docker_containers(c.home, running_only=True)
+            n = docker_containers(c.home, running_only=True)
+            if n < min_live and phase_of(c) not in ("planning", "running"):
+                raise AssertionError(f"the run reached {phase_of(c)!r} before {min_live} "
+                                     f"containers were alive at once\n{c.logs_tail()}")
+            return n
 
         def left() -> int:
             return docker_containers(c.home, running_only=False)
@@ -721,7 +729,7 @@ def kill_with_containers(root: Path, parts: int, *, min_live: int = 50, slots: i
         c.create_run(goal_for(parts), max_agents=slots)
         for wave in (1, 2):
             proc = c.resume(slots=slots)
-            c.wait_for(lambda: live() >= min_live, 300, f"{min_live} live containers",
+            c.wait_for(lambda: live() >= min_live, 240, f"{min_live} live containers",
                        poll=0.2)
             kills.append(c.snapshot_kill(proc, phase_of(c)))
             figures[f"live containers at kill {wave}"] = live()

@@ -55,18 +55,30 @@ async def test_always_failing_node_is_retried_then_dead_and_the_plan_revised(
     assert (tmp_path / "out" / "RESULT.md").is_file()
 
 
+@pytest.mark.parametrize(("latency_ms", "agents"), [(40, 4), (2, 8)])
 async def test_budget_stops_a_run_cleanly_with_a_partial_result(
-    runtime_factory, tmp_path: Path
+    runtime_factory, tmp_path: Path, latency_ms: int, agents: int,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with runtime_factory(sim=SimConfig(latency_ms=40)) as (rt, _sim):
+    # The worker's periodic view of the run is taken out of play, as on a machine too slow
+    # for it to matter: the agents must stop on what their own step writes return.
+    monkeypatch.setattr("swarm.worker.RUN_REFRESH_S", 3600.0)
+    # Nodes of 7 model calls each: an agent that does not stop runs far past the limit.
+    async with runtime_factory(sim=SimConfig(latency_ms=latency_ms, tool_steps=6)) as (rt, _sim):
+        # Enough steps for the first wave of nodes to finish, then the limit falls mid-node.
+        limit = agents * 7 + 10
         final, nodes = await run_goal(rt, "Write a report in 40 parts", tmp_path / "out",
-                                      max_agents=4, budget=Budget(max_steps=20))
+                                      max_agents=agents, budget=Budget(max_steps=limit))
     assert final.status == "budget_exhausted", final.error
     assert "budget" in (final.error or "")
     done = [n for n in nodes.values() if n.status == "done"]
     assert 0 < len(done) < len(nodes)
-    # stopped near the limit: only steps already in flight may overshoot it
-    assert final.usage.steps <= 20 + 4 * 2
+    # The budget holds however slow the machine: each agent learns the run's total from its
+    # own step write, so only the one model call each agent has in flight may overshoot.
+    # (Failed in CI at 30 when workers read the total from a 1 s refresh.)
+    assert final.usage.steps <= limit + agents
+    # the partial result synthesises what the finished nodes produced
+    assert "Synthesis of" in (final.result_summary or ""), final.result_summary
     assert (tmp_path / "out" / "RESULT.md").read_text().count("budget") >= 1
 
 
