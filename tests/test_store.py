@@ -281,6 +281,34 @@ async def test_zombie_is_fenced_out_after_its_job_is_reclaimed(store: Store) -> 
     assert node.status == "done" and node.result and node.result.summary == "fresh"
 
 
+async def test_zombie_paused_between_reading_and_starting_a_job_cannot_take_it_back(
+    store: Store,
+) -> None:
+    """Found by the SIGSTOP chaos test in CI: a worker stopped right after XREADGROUP handed
+    it a job, before its start script ran. Another worker reclaimed and started the same
+    entry; on waking, the zombie's start saw a running node held by that very entry and took
+    a fresh token, fencing out the live worker and repeating its model call."""
+    job = await queued(store, "a")
+    from swarm.store.keys import Keys
+
+    [(entry_id, _fields)] = await store._read_group(store.keys.jobs, Keys.WORKERS, "zombie",
+                                                    ">", 1, 0)
+    await anyio.sleep(0.12)
+    [live] = await store.reclaim("live", min_idle_ms=100)
+    assert live.entry_id == entry_id
+    keys, args = store._job_call(job, entry_id, "zombie")
+    assert await store._lua.start(keys=keys, args=args) == 0  # the zombie wakes: refused
+    # ... nor can it reclaim the entry back without it being idle and handed over again
+    assert await store._lua.reclaim(keys=keys, args=args) == [0, 0]
+    node = await store.get_node(job.run, "a")
+    assert (node.status, node.worker, node.token) == ("running", "live", live.token)
+    assert await store.heartbeat(live)
+    [pending] = await store.pending_jobs()
+    assert (pending["id"], pending["consumer"]) == (entry_id, "live")  # not dropped either
+    await store.complete(live, done(job, "live"))
+    assert (await store.get_node(job.run, "a")).status == "done"
+
+
 async def test_too_many_deliveries_go_to_dead_letters(store: Store, settings: Settings) -> None:
     job = await queued(store, "a")
     await claim_one(store, "w0")

@@ -86,6 +86,17 @@ local function next_token(fence)
   return token
 end
 
+-- Whether this consumer still holds the job's delivery. A worker paused between reading a
+-- job (XREADGROUP / XAUTOCLAIM) and starting it may find on waking that another worker
+-- reclaimed the very same entry and started it: the entry and the node then look exactly
+-- as they do for its own start, so only the delivery's owner tells them apart.
+local function delivered_to(K, A)
+  local p = redis.call('XPENDING', K[1], A[1], A[2], A[2], 1)[1]
+  if not p then return nil end
+  if p[2] ~= A[6] then return false end
+  return tonumber(p[4])
+end
+
 local function start(K, A, node, deliveries)
   local was, previous = node.status, node.worker
   local token = next_token(K[4])
@@ -106,6 +117,7 @@ end
 """
 
 START = r"""
+if not delivered_to(KEYS, ARGV) then return 0 end  -- reclaimed while this worker was paused
 local node = current(KEYS, ARGV)
 if not node then
   drop_job(KEYS[1], ARGV[1], ARGV[2])
@@ -116,9 +128,8 @@ return start(KEYS, ARGV, node, 1)
 
 # Returns {token, deliveries}; token 0 = stale or gone, -1 = dead-lettered.
 RECLAIM = r"""
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)[1]
-if not p then return {0, 0} end
-local n = tonumber(p[4])
+local n = delivered_to(KEYS, ARGV)
+if not n then return {0, 0} end  -- gone, or claimed again by another worker since
 local node = current(KEYS, ARGV)
 if not node then
   drop_job(KEYS[1], ARGV[1], ARGV[2])
