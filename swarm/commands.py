@@ -197,19 +197,49 @@ async def wait_for_dead_leader(store: Store, run_id: str, poll_s: float = 0.1) -
                             "it is running, not resumable")
 
 
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
+async def _on_signals(interrupt: anyio.Event, everything: anyio.CancelScope,
+                      forced: list[bool], listening: anyio.CancelScope) -> None:
+    """First Ctrl-C (or SIGTERM): stop gracefully. A second one: stop at once (the model
+    calls in flight are lost and repeated on resume; nothing recorded is)."""
+    import signal
+
+    with listening, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if not interrupt.is_set():
+                say("stopping: agents finish the model call in flight and hand their jobs "
+                    "back (Ctrl-C again to quit at once)")
+                interrupt.set()
+            else:
+                forced.append(True)
+                everything.cancel()
+                return
+
+
 async def _attach(rt: Runtime, run_id: str, slots: int, progress_s: float, *,
                   as_json: bool = False, tui: bool = False) -> int:
-    finished = anyio.Event()
+    finished, interrupt, forced = anyio.Event(), anyio.Event(), list[bool]()
+    listening = anyio.CancelScope()
+    completed = False
     async with anyio.create_task_group() as tg:
         tg.start_soon(_show_progress, rt, run_id, progress_s, tui, finished)
+        tg.start_soon(_on_signals, interrupt, tg.cancel_scope, forced, listening)
         try:
-            await run_in_process(rt, run_id, slots=slots)
+            completed = await run_in_process(rt, run_id, slots=slots, interrupt=interrupt)
         except* LostLeadership as group:  # another process leads it: say so, exit 2
             raise UserError(str(group.exceptions[0])) from None
         finally:
+            listening.cancel()  # Ctrl-C in a UI left open on the finished run quits it
             finished.set()
-            if not tui:  # the UI stays up on the finished run until the user quits it
+            if not tui or not completed:  # the UI stays up on a finished run until quit
                 tg.cancel_scope.cancel()
+    if not completed:
+        how = "at once" if forced else "after handing its jobs back"
+        say(f"run {run_id} stopped {how}; everything recorded is kept: "
+            f"`swarm resume {run_id}` continues it")
+        return INTERRUPTED
     rec = await rt.store.get_run(run_id)
     report = await status_report(rt.store, run_id)
     say(progress_line(report))

@@ -140,15 +140,36 @@ async def open_runtime(settings: Settings, *, simulate: bool = False, sandbox: s
         yield Runtime(settings, store, llm, sandboxes, simulated=simulated)
 
 
-async def run_in_process(rt: Runtime, run_id: str, *, slots: int) -> None:
-    """Coordinator and a worker pool in one process, still talking through Redis."""
+async def run_in_process(rt: Runtime, run_id: str, *, slots: int,
+                         interrupt: anyio.Event | None = None) -> bool:
+    """Coordinator and a worker pool in one process, still talking through Redis.
+
+    Setting `interrupt` stops gracefully: the coordinator lets go of the run (its lease is
+    released at once, so `swarm resume` need not wait for it to expire), the agents finish
+    the model call in flight, checkpoint it and hand their jobs back. Returns False when
+    that happened, True when the run reached a terminal status."""
     stop = anyio.Event()
+    interrupted = False
+    lead_scope, watch_scope = anyio.CancelScope(), anyio.CancelScope()
+
+    async def watch(event: anyio.Event) -> None:
+        nonlocal interrupted
+        with watch_scope:
+            await event.wait()
+            interrupted = True
+            lead_scope.cancel()
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(rt.worker(slots).serve, stop)
+        if interrupt is not None:
+            tg.start_soon(watch, interrupt)
         try:
-            await rt.coordinator().lead(run_id)
+            with lead_scope:
+                await rt.coordinator().lead(run_id)
         finally:
-            stop.set()
+            watch_scope.cancel()
+            stop.set()  # the worker drains: steps in flight end, their jobs go back
+    return not interrupted
 
 
 __all__ = ["Runtime", "open_runtime", "run_in_process"]

@@ -1,0 +1,72 @@
+"""Ctrl-C on an attached `swarm run`/`swarm resume`: the first one stops gracefully (the
+agents finish the model call in flight, checkpoint it and hand their jobs back; the leader
+lets go of its lease at once), a second one stops at once. Either way the run is left
+resumable and `swarm resume` completes it; after a graceful stop no model call is repeated."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.chaos import harness
+
+pytestmark = pytest.mark.slow
+
+PARTS = 30
+
+
+def interrupt(root: Path, presses: int) -> tuple[harness.Outcome, harness.Kill, str, float]:
+    """SIGINT the attached process `presses` times while agents hold jobs; then resume.
+    Returns the outcome, what the interrupt hit, the interrupted process's log, and how long
+    it took to exit."""
+    with harness.Cluster(root, latency_ms=400) as c:
+        c.create_run(harness.goal_for(PARTS), max_agents=16)
+        proc = c.resume(slots=16)
+        c.wait_for(lambda: len(c.interrupted_by(proc.pid)) >= 8, 60,
+                   "agents holding jobs", poll=0.05)
+        hit = harness.Kill(target="resume", pid=proc.pid, phase=harness.phase_of(c),
+                           at=time.monotonic(), interrupted=c.interrupted_by(proc.pid))
+        began = time.monotonic()
+        for _ in range(presses):
+            proc.signal(signal.SIGINT)
+            time.sleep(0.05)
+        rc = proc.wait(timeout=30)
+        took = time.monotonic() - began
+        assert rc == 130, f"exit {rc}\n{proc.tail()}"
+        log = proc.tail(4000)
+        # The lease is released, not left to expire (its TTL is 6 s): resume starts at once.
+        assert c.leader() is None
+        # Nothing is left running under the stopped process: held jobs were handed back or
+        # (at once) are reclaimed from their last checkpoint.
+        if presses == 1:
+            assert not c.interrupted_by(proc.pid)
+        assert c.run_status() == "running"
+        again = c.resume(slots=16)
+        assert again.wait(timeout=120) == 0, again.tail()
+        return harness.finish(c), hit, log, took
+
+
+def test_first_ctrl_c_stops_gracefully_and_repeats_no_model_call(chaos_root: Path) -> None:
+    out, hit, log, took = interrupt(chaos_root, presses=1)
+    assert "stopped after handing its jobs back" in log
+    assert "swarm resume r-chaos" in log
+    assert took < 10, f"a graceful stop waits one model call (0.4 s), not {took:.1f}s"
+    # No call repeated at all: every agent checkpointed its call before letting go.
+    harness.check(out, None, [_without_allowance(hit)], nodes=PARTS + 1)
+    assert len(hit.interrupted) >= 8
+
+
+def test_second_ctrl_c_stops_at_once_and_loses_nothing_recorded(chaos_root: Path) -> None:
+    out, hit, log, took = interrupt(chaos_root, presses=2)
+    assert "stopped at once" in log
+    assert took < 10
+    # At most one repeated model call per agent that was cut off mid-call.
+    harness.check(out, None, [hit], nodes=PARTS + 1)
+
+
+def _without_allowance(hit: harness.Kill) -> harness.Kill:
+    """The same stop, counted as interrupting no agent: no repeated call is allowed."""
+    return harness.Kill(target=hit.target, pid=hit.pid, phase=hit.phase, at=hit.at)
