@@ -12,9 +12,6 @@ CPU milliseconds per call for each.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +19,7 @@ from typing import Any
 import anyio
 import httpx2
 import openai
+from procs import start_simulator
 
 from swarm.llm import LLM
 from swarm.settings import Endpoint
@@ -30,29 +28,6 @@ from swarm.tools import tool_schemas
 TOOLS = tool_schemas(["list_files", "finish"])
 MESSAGES = [{"role": "system", "content": "You are a sub-agent in a swarm. " * 20},
             {"role": "user", "content": "Your task (a1): agent 1\n\nbench"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_simulator(latency_ms: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    code = ("from swarm.simulator import SimConfig, run_simulator_forever; "
-            f"run_simulator_forever(SimConfig(latency_ms={latency_ms}, tool_steps=1000), "
-            f"'127.0.0.1', {port})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the simulator did not start")
 
 
 async def measure(call: Callable[[int], Awaitable[Any]], n: int, k: int) -> float:
@@ -108,7 +83,8 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    sim, base = start_simulator(args.latency_ms)
+    sim, port = start_simulator(args.latency_ms, tool_steps=1000)
+    base = f"http://127.0.0.1:{port}/v1"
     runs: dict[str, Callable[[], Awaitable[float]]] = {
         "openai, httpx transport": lambda: bare(base, args.n, args.k, "httpx"),
         "openai, aiohttp transport": lambda: bare(base, args.n, args.k, "aiohttp"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import anyio
+from procs import free_port, start_simulator, wait_port
 
 from swarm.models import NodeLimits, NodeSpec, Plan, RunSpec
 from swarm.settings import Settings
@@ -33,40 +33,12 @@ from swarm.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing answered on port {port}")
-
-
 def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
          "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
         stdout=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
-
-
-def start_simulator(latency_ms: int, tool_steps: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    code = ("from swarm.simulator import SimConfig, run_simulator_forever; "
-            f"run_simulator_forever(SimConfig(latency_ms={latency_ms}, tool_steps={tool_steps}),"
-            f" '127.0.0.1', {port})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, port
 

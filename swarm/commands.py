@@ -201,7 +201,7 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
 async def _on_signals(interrupt: anyio.Event, everything: anyio.CancelScope,
-                      forced: list[bool], listening: anyio.CancelScope) -> None:
+                      forced: anyio.Event, listening: anyio.CancelScope) -> None:
     """First Ctrl-C (or SIGTERM): stop gracefully. A second one: stop at once (the model
     calls in flight are lost and repeated on resume; nothing recorded is)."""
     import signal
@@ -213,14 +213,14 @@ async def _on_signals(interrupt: anyio.Event, everything: anyio.CancelScope,
                     "back (Ctrl-C again to quit at once)")
                 interrupt.set()
             else:
-                forced.append(True)
+                forced.set()
                 everything.cancel()
                 return
 
 
 async def _attach(rt: Runtime, run_id: str, slots: int, progress_s: float, *,
                   as_json: bool = False, tui: bool = False) -> int:
-    finished, interrupt, forced = anyio.Event(), anyio.Event(), list[bool]()
+    finished, interrupt, forced = anyio.Event(), anyio.Event(), anyio.Event()
     listening = anyio.CancelScope()
     completed = False
     async with anyio.create_task_group() as tg:
@@ -236,7 +236,7 @@ async def _attach(rt: Runtime, run_id: str, slots: int, progress_s: float, *,
             if not tui or not completed:  # the UI stays up on a finished run until quit
                 tg.cancel_scope.cancel()
     if not completed:
-        how = "at once" if forced else "after handing its jobs back"
+        how = "at once" if forced.is_set() else "after handing its jobs back"
         say(f"run {run_id} stopped {how}; everything recorded is kept: "
             f"`swarm resume {run_id}` continues it")
         return INTERRUPTED

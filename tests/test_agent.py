@@ -46,14 +46,7 @@ def make_llm(sim: SimulatorThread, **endpoint: object) -> LLM:
 
 
 async def queued_claim(store: Store, spec: NodeSpec, consumer: str = "w1") -> Claim:
-    plan = Plan(nodes=[spec])
-    await store.create_run(RunSpec(goal="test the agent", plan=plan, sandbox="docker"),
-                           run_id=RUN)
-    await store.save_plan(RUN, plan)
-    await store.init_nodes(RUN, [spec.id])
-    await store.transition(RUN, spec.id, expect_attempt=0, expect_status={"pending"},
-                           status="queued", attempt=1, enqueue=Job(run=RUN, node=spec.id,
-                                                                   attempt=1))
+    await queued_claim_only(store, spec)
     [claim] = await store.claim(consumer, count=1, block_ms=1000)
     return claim
 
