@@ -15,6 +15,9 @@ BASE_IMAGE=swarm-base:bookworm-2
 BASE_PACKAGES=python3,python3-pytest,git,procps,diffutils,patch,ca-certificates
 SANDBOX_DIR="$ROOT/sandboxes/default"
 SANDBOX_IMAGE=swarm-sandbox:latest
+APP_IMAGE=swarm:latest  # swarm itself, for docker-compose.yml's services
+WHEELS="$ROOT/build/wheels"
+WHEELS_STAMP="$WHEELS/.swarm-pyproject.sha256"
 HASH_LABEL=swarm.content-hash
 VENV="$ROOT/.venv"
 VENV_STAMP="$VENV/.swarm-pyproject.sha256"
@@ -34,7 +37,8 @@ fi
 # binary:package pairs; a package is installed only when its binary is missing.
 ensure_packages() {
     local missing=() pair
-    for pair in redis-server:redis-server dockerd:docker.io debootstrap:debootstrap tmux:tmux; do
+    for pair in redis-server:redis-server dockerd:docker.io debootstrap:debootstrap tmux:tmux \
+                docker-compose:docker-compose; do
         have "${pair%%:*}" || missing+=("${pair#*:}")
     done
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -109,25 +113,31 @@ sandbox_hash() {
     } | sha256sum | cut -d' ' -f1
 }
 
-ensure_sandbox_image() {
-    [ -f "$SANDBOX_DIR/Dockerfile" ] || die "$SANDBOX_DIR/Dockerfile is missing"
-    local want have_hash log="$STATE_DIR/build-sandbox.log"
-    want=$(sandbox_hash)
+# A locally built image, rebuilt only when the hash of its inputs changed (kept in a label).
+# ensure_image NAME HASH CONTEXT LOG [docker build args...]
+ensure_image() {
+    local name=$1 want=$2 context=$3 log=$4 have_hash
+    shift 4
     have_hash=$(docker image inspect -f "{{ index .Config.Labels \"$HASH_LABEL\" }}" \
-        "$SANDBOX_IMAGE" 2>/dev/null || true)
+        "$name" 2>/dev/null || true)
     if [ "$have_hash" = "$want" ]; then
-        step "image $SANDBOX_IMAGE" ok
+        step "image $name" ok
         return
     fi
     # The classic builder works offline with a local base (it prints a deprecation notice).
-    if ! DOCKER_BUILDKIT=0 docker build --build-arg "BASE=$BASE_IMAGE" \
-            --label "$HASH_LABEL=$want" -t "$SANDBOX_IMAGE" "$SANDBOX_DIR" >"$log" 2>&1; then
+    if ! DOCKER_BUILDKIT=0 docker build --build-arg "BASE=$BASE_IMAGE" "$@" \
+            --label "$HASH_LABEL=$want" -t "$name" "$context" >"$log" 2>&1; then
         tail_log "$log"
-        die "docker build of $SANDBOX_DIR failed (log: $log)"
+        die "docker build of $name from $context failed (log: $log)"
     fi
     # The image this one replaced is now untagged; only ours carry the label.
     docker image prune -f --filter "label=$HASH_LABEL" >/dev/null 2>&1 || true
-    step "image $SANDBOX_IMAGE" built
+    step "image $name" built
+}
+
+ensure_sandbox_image() {
+    [ -f "$SANDBOX_DIR/Dockerfile" ] || die "$SANDBOX_DIR/Dockerfile is missing"
+    ensure_image "$SANDBOX_IMAGE" "$(sandbox_hash)" "$SANDBOX_DIR" "$STATE_DIR/build-sandbox.log"
 }
 
 # ---- 5. the project's virtualenv ---------------------------------------------------------
@@ -152,8 +162,42 @@ ensure_venv() {
     step "python venv .venv" "$state"
 }
 
+# ---- 6. swarm's own image, for docker-compose.yml -----------------------------------------
+# Containers here reach no package index (TLS is intercepted), so the dependencies' wheels are
+# made on the host, for the base image's Python 3.11 (hence async-timeout, which redis-py
+# needs below 3.11.3), and the build installs from them alone.
+ensure_wheels() {
+    local want
+    want=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
+    [ "$(cat "$WHEELS_STAMP" 2>/dev/null)" = "$want" ] && return 0
+    local log="$STATE_DIR/wheels.log"
+    rm -rf "$WHEELS"
+    if ! "$VENV/bin/python" -m pip wheel -q -w "$WHEELS" "$ROOT" 'setuptools>=68' \
+            'async-timeout>=4.0.3' >"$log" 2>&1; then
+        tail_log "$log"
+        die "pip wheel of swarm's dependencies failed (log: $log)"
+    fi
+    rm -f "$WHEELS"/swarm-*.whl  # the image installs swarm from its source
+    echo "$want" >"$WHEELS_STAMP"
+}
+
+app_hash() {
+    {
+        echo "base $(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")"
+        (cd "$ROOT" && find Dockerfile .dockerignore pyproject.toml README.md swarm build/wheels \
+            -type f -not -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum)
+    } | sha256sum | cut -d' ' -f1
+}
+
+ensure_app_image() {
+    ensure_wheels
+    ensure_image "$APP_IMAGE" "$(app_hash)" "$ROOT" "$STATE_DIR/build-app.log" \
+        --build-arg PIP_NO_INDEX=1
+}
+
 ensure_packages
 ensure_dockerd
 ensure_base_image
 ensure_sandbox_image
 ensure_venv
+ensure_app_image

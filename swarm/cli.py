@@ -114,7 +114,10 @@ def sim(
     ctx: typer.Context,
     port: Annotated[int | None, typer.Option(
         min=0, max=65535, show_default=False,
-        help=f"Port on {HOST} [default: {SIM_DEFAULT_PORT}; with --check a free one].")] = None,
+        help=f"Port [default: {SIM_DEFAULT_PORT}; with --check a free one].")] = None,
+    host: Annotated[str, typer.Option(
+        help="Address to bind. Loopback unless other machines (or the containers of "
+        "docker-compose.yml) must reach it; it has no authentication.")] = HOST,
     latency_ms: Annotated[int | None, typer.Option(
         min=0, show_default=False,
         help="Added latency per request [default: SWARM_SIM_LATENCY_MS].")] = None,
@@ -138,16 +141,17 @@ def sim(
     if check:
         typer.echo(run_async(sim_check, settings, config, port or 0))
     else:
-        serve_sim(config, SIM_DEFAULT_PORT if port is None else port)
+        serve_sim(config, host, SIM_DEFAULT_PORT if port is None else port)
 
 
-def serve_sim(config: SimConfig, port: int) -> None:
+def serve_sim(config: SimConfig, host: str, port: int) -> None:
     from swarm.simulator import run_simulator_forever
 
     try:
-        run_simulator_forever(config, HOST, port)
+        run_simulator_forever(config, host, port)
     except OSError as exc:
-        raise UserError(f"cannot serve the simulator on {HOST}:{port}: {exc.strerror}") from None
+        raise UserError(f"cannot serve the simulator on {host}:{port}: "
+                        f"{exc.strerror or exc}") from None
 
 
 async def sim_check(settings: Settings, config: SimConfig, port: int) -> str:
@@ -215,7 +219,7 @@ def build_spec(settings: Settings, goal: str | None, workflow: Path | None, para
         output = output.resolve()
         check_output_dir(output)
     common = dict(max_agents=max_agents or settings.max_agents, budget=budget, models=roles,
-                  simulate=simulate or not settings.endpoints, sandbox=sandbox,
+                  simulate=simulate, sandbox=sandbox,
                   output_dir=str(output) if output else None)
     if workflow is not None:
         wf = load_workflow(workflow, parse_pairs(params, "--param"), max_nodes=settings.max_nodes)
@@ -244,6 +248,10 @@ def run(
     model: Annotated[list[str], typer.Option(help="ROLE=MODEL for planner/worker/merger.")] = [],  # noqa: B006
     simulate: Annotated[bool, typer.Option(help="Use the built-in simulator.")] = False,
     detach: Annotated[bool, typer.Option(help="Print the run id; run in the background.")] = False,
+    submit: Annotated[bool, typer.Option(
+        help="Only record the run and print its id: a `swarm coordinator` and `swarm worker`s "
+        "on that Redis (docker-compose.yml's) run it; --output is a path on their side.")
+    ] = False,
     no_tui: Annotated[bool, typer.Option("--no-tui", help="Plain progress lines.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End with status as JSON.")] = False,
     sandbox: Annotated[str, typer.Option(help="docker, local or auto.")] = "auto",
@@ -258,8 +266,14 @@ def run(
     budget = Budget(max_cost_usd=budget_usd or None, max_tokens=budget_tokens,
                     max_steps=budget_steps,
                     max_wall_s=budget_minutes * 60 if budget_minutes else None)
+    if submit and detach:
+        raise UserError("--submit and --detach exclude each other: --submit starts nothing here")
+    # Run here, with no endpoint configured, the simulator answers; submitted, the
+    # coordinator's endpoints decide, and it labels simulated output itself.
     spec = build_spec(settings, goal, workflow, param, max_agents, budget, output, model,
-                      simulate, sandbox)
+                      simulate or (not submit and not settings.endpoints), sandbox)
+    if submit:
+        raise typer.Exit(run_async(commands.submit, settings, spec))
     tui = want_tui(no_tui, as_json=as_json)
     raise typer.Exit(run_async(lambda: commands.run(settings, spec, detached=detach, slots=slots,
                                                     as_json=as_json, tui=tui)))

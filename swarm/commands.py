@@ -118,17 +118,27 @@ def detach(settings: Settings, run_id: str) -> None:
                          start_new_session=True, env=os.environ.copy())
 
 
+async def _record(settings: Settings, spec: RunSpec) -> str:
+    store = await connect_store(settings)
+    try:
+        rec = await store.create_run(spec)
+    finally:
+        await store.close()
+    say(rec.id)
+    return rec.id
+
+
+async def submit(settings: Settings, spec: RunSpec) -> int:
+    """Record the run for whichever `swarm coordinator` adopts it next; start nothing."""
+    await _record(settings, spec)
+    return 0
+
+
 async def run(settings: Settings, spec: RunSpec, *, detached: bool, slots: int,
               progress_s: float = 2.0, faults: str = "", as_json: bool = False,
               tui: bool = False) -> int:
     if detached:
-        store = await connect_store(settings)
-        try:
-            rec = await store.create_run(spec)
-        finally:
-            await store.close()
-        say(rec.id)
-        detach(settings, rec.id)
+        detach(settings, await _record(settings, spec))
         return 0
     async with open_runtime(settings, simulate=spec.simulate, sandbox=spec.sandbox,
                             faults=faults) as rt:
@@ -348,6 +358,7 @@ async def worker(settings: Settings, *, slots: int, simulate: bool, sandbox: str
         say(f"worker {w.name}: {slots} slots, sandboxes {rt.sandboxes.name}")
         await reap_orphans(rt)
         await _serve_until_signal(w.serve)
+        say(f"worker {w.name} stopped; every job it held was checkpointed and handed back")
     return 0
 
 

@@ -51,8 +51,11 @@ def output_dir_for(settings: Settings, state: RunState) -> Path:
 
 class Finalizer:
     def __init__(self, store: Store, llm: AgentModel, settings: Settings, *,
-                 sandboxes: SandboxBackend | None = None) -> None:
+                 sandboxes: SandboxBackend | None = None, simulated: bool = False) -> None:
         self.store, self.llm, self.settings, self.sandboxes = store, llm, settings, sandboxes
+        # The run's spec says simulated when its submitter chose the simulator; this says
+        # so when the process merging it has no other model (a run submitted to a stack).
+        self.simulated = simulated
 
     def _resolver(self, state: RunState, llm: AgentModel) -> ConflictResolver | None:
         if self.sandboxes is None:
@@ -79,7 +82,7 @@ class Finalizer:
         report = render_report(
             run_id=rec.id, goal=rec.spec.goal, status=state.final_status or rec.status,
             synthesis=text, nodes=self._rows(state), files=files, usage=rec.usage,
-            elapsed_s=rec.elapsed_s, simulated=rec.spec.simulate,
+            elapsed_s=rec.elapsed_s, simulated=rec.spec.simulate or self.simulated,
         )
         await anyio.Path(out / "RESULT.md").write_text(report)
         await self.store.emit(LogLine(run=rec.id, message=f"result written to {out}"))

@@ -24,6 +24,7 @@ from swarm.llm import LLM
 from swarm.planner import Planner
 from swarm.sandbox import SandboxBackend, open_backend
 from swarm.settings import Endpoint, Settings
+from swarm.sim_model import MODEL as SIM_MODEL
 from swarm.store import Store
 from swarm.worker import Worker
 
@@ -85,7 +86,7 @@ async def _wait_healthy(proc: anyio.abc.Process, port: int, log_path: Path) -> N
 
 
 def sim_endpoints(base_url: str) -> dict[str, Endpoint]:
-    return {role: Endpoint(base_url=base_url, model="swarm-sim", context_window=128_000,
+    return {role: Endpoint(base_url=base_url, model=SIM_MODEL, context_window=128_000,
                            max_concurrency=2048, timeout_s=30)
             for role in SIM_ROLES}
 
@@ -112,7 +113,8 @@ class Runtime:
 
     def coordinator(self) -> Coordinator:
         planner = Planner(self.llm, max_nodes=self.settings.max_nodes)
-        finalizer = Finalizer(self.store, self.llm, self.settings, sandboxes=self.sandboxes)
+        finalizer = Finalizer(self.store, self.llm, self.settings, sandboxes=self.sandboxes,
+                              simulated=self.simulated)
         return Coordinator(self.store, planner, finalizer, self.settings,
                            process_name("coordinator"))
 
@@ -129,14 +131,15 @@ async def open_runtime(settings: Settings, *, simulate: bool = False, sandbox: s
         store = await connect_store(settings)
         stack.push_async_callback(store.close)
         sandboxes = await stack.enter_async_context(await pick_sandboxes(settings, sandbox))
-        simulated = simulate or not settings.endpoints
-        if simulated:
+        if simulate or not settings.endpoints:
             url = await stack.enter_async_context(simulator_process(settings, faults=faults))
             endpoints = sim_endpoints(url)
         else:
             endpoints = settings.endpoints
         llm = LLM(endpoints, on_event=store.emit)
         stack.push_async_callback(llm.aclose)
+        # A simulator someone else serves (docker-compose.yml's) is simulated output too.
+        simulated = all(e.model == SIM_MODEL for e in endpoints.values())
         yield Runtime(settings, store, llm, sandboxes, simulated=simulated)
 
 

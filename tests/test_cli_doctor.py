@@ -1,5 +1,6 @@
-"""`swarm doctor` and `swarm sim` as a user runs them: the installed console script, in a
-subprocess, against the real redis-server, Docker engine and simulator."""
+"""`swarm doctor`, `swarm sim` and `swarm run --submit` as a user runs them: the installed
+console script, in a subprocess, against the real redis-server, Docker engine and
+simulator."""
 
 from __future__ import annotations
 
@@ -229,6 +230,45 @@ def test_port_in_use_is_bad_input(home: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == f"swarm: cannot serve the simulator on 127.0.0.1:{port}: " \
         "Address already in use\n"
+
+
+def test_sim_binds_the_address_it_is_given(home: Path) -> None:
+    # 127.0.0.2 is loopback too, but a server bound to it is not reachable at 127.0.0.1.
+    port = free_port()
+    proc = subprocess.Popen([str(SWARM), "sim", "--host", "127.0.0.2", "--port", str(port)],
+                            env=clean_env(home), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_answers(f"http://127.0.0.2:{port}/v1/models", proc)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+
+    done = swarm("sim", "--host", "192.0.2.1", "--port", "0", env=clean_env(home))
+    assert done.returncode == 2
+    assert done.stderr == "swarm: cannot serve the simulator on 192.0.2.1:0: " \
+        "Cannot assign requested address\n"
+
+
+def test_submit_records_the_run_and_starts_nothing(home: Path) -> None:
+    env = clean_env(home, SWARM_LEASE_TTL_S="5")
+    done = swarm("run", "--submit", "Survey the topic in 3 parts", env=env)
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip()
+    assert run_id.startswith("r-") and "\n" not in run_id  # the id is the only line
+    time.sleep(3)
+    status = json.loads(swarm("status", run_id, "--json", env=env).stdout)
+    assert status["status"] == "planning"  # nobody here leads it
+    assert status["usage"]["llm_calls"] == 0
+    listed = json.loads(swarm("ls", "--json", env=env).stdout)
+    assert [r["resumable"] for r in listed if r["run"] == run_id] == [True]
+    assert not processes_mentioning(run_id)
+
+    done = swarm("run", "--submit", "--detach", "Survey the topic in 3 parts", env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith("swarm: --submit and --detach exclude each other")
 
 
 def test_version(home: Path) -> None:

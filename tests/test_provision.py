@@ -15,7 +15,7 @@ from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVISION = ROOT / "scripts" / "provision.sh"
-IMAGES = ("swarm-base:bookworm-2", "swarm-sandbox:latest")
+IMAGES = ("swarm-base:bookworm-2", "swarm-sandbox:latest", "swarm:latest")
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -54,7 +54,7 @@ def test_second_run_is_fast_and_changes_nothing() -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert elapsed < 10, f"second provision run took {elapsed:.1f}s"
     lines = second.stdout.splitlines()
-    assert len(lines) == 5, second.stdout
+    assert len(lines) == 6, second.stdout
     assert all(line.split()[-1] == "ok" for line in lines), second.stdout
     assert image_ids() == before
     assert stamp.stat().st_mtime == stamp_mtime
