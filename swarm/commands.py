@@ -363,7 +363,9 @@ async def worker(settings: Settings, *, slots: int, simulate: bool, sandbox: str
 
 
 async def coordinator(settings: Settings, *, simulate: bool, poll_s: float = 2.0) -> int:
-    """Lead every unfinished run that has no live leader, as long as this process lives."""
+    """Lead every unfinished run that has no live leader, until SIGTERM or Ctrl-C. Then it
+    lets go of every run it leads (each lease released at once, not left to expire), so the
+    next coordinator, or `swarm resume`, takes over without waiting."""
     async with open_runtime(settings, simulate=simulate) as rt:
         leading: set[str] = set()
 
@@ -379,18 +381,24 @@ async def coordinator(settings: Settings, *, simulate: bool, poll_s: float = 2.0
             finally:
                 leading.discard(run_id)
 
-        async with anyio.create_task_group() as tg:
-            say(f"coordinator {process_name('coordinator')} adopting runs")
-            while True:
-                for rec in await rt.store.list_runs(limit=1000):
-                    if rec.status in TERMINAL_RUN_STATUSES or rec.id in leading:
-                        continue
-                    if rec.spec.parent_run:  # a nested run is led by its parent's leader
-                        continue
-                    if await rt.store.lease_owner(leader_lease(rec.id)) is None:
-                        leading.add(rec.id)
-                        tg.start_soon(lead, rec.id)
-                await anyio.sleep(poll_s)
+        async def adopt(stop: anyio.Event) -> None:
+            async with anyio.create_task_group() as tg:
+                say(f"coordinator {process_name('coordinator')} adopting runs")
+                while not stop.is_set():
+                    for rec in await rt.store.list_runs(limit=1000):
+                        if rec.status in TERMINAL_RUN_STATUSES or rec.id in leading:
+                            continue
+                        if rec.spec.parent_run:  # a nested run is led by its parent's leader
+                            continue
+                        if await rt.store.lease_owner(leader_lease(rec.id)) is None:
+                            leading.add(rec.id)
+                            tg.start_soon(lead, rec.id)
+                    with anyio.move_on_after(poll_s):
+                        await stop.wait()
+                tg.cancel_scope.cancel()  # each lead releases its lease as it unwinds
+            say("coordinator stopped; the runs it led are free for another leader")
+
+        await _serve_until_signal(adopt)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import sys
 import time
@@ -313,8 +314,10 @@ def run_simulator_forever(
               "is simulated)", file=sys.stderr, flush=True)
     else:
         on_ready(bound)
-    # uvicorn shuts down gracefully on the signal, then re-raises SIGINT: that Ctrl-C has
-    # been handled, so it ends the call rather than surfacing as a traceback.
+    # uvicorn shuts down gracefully on the signal, then re-raises it to the handler that was
+    # there before: SIGINT's raises KeyboardInterrupt, and SIGTERM (`docker stop`) is given
+    # the same one, so either ends the call with exit 0, not a traceback or a kill.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(_uvicorn_config(Simulator(config).app)).run(sockets=[sock])
 

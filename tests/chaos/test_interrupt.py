@@ -71,3 +71,30 @@ def test_second_ctrl_c_stops_at_once_and_loses_nothing_recorded(chaos_root: Path
     assert took < 10
     # At most one repeated model call per agent that was cut off mid-call.
     harness.check(out, None, [hit], nodes=PARTS + 1)
+
+
+def test_sigterm_on_a_coordinator_frees_its_runs_for_the_next_one(chaos_root: Path) -> None:
+    """`docker-compose stop`, or a service manager, stops `swarm coordinator` with SIGTERM:
+    it must let go of the runs it leads at once, so the next coordinator adopts them without
+    waiting out the lease, and the run completes as if nothing happened."""
+    with harness.Cluster(chaos_root, latency_ms=400) as c:
+        c.create_run(harness.goal_for(PARTS), max_agents=16)
+        c.worker("worker-a", slots=16)
+        first = c.coordinator()
+        c.wait_for(lambda: c.run_status() == "running" and c.leader() is not None, 60,
+                   "the coordinator to lead the run")
+        began = time.monotonic()
+        first.signal(signal.SIGTERM)
+        rc = first.wait(timeout=30)
+        took = time.monotonic() - began
+        assert rc == 0, f"exit {rc}\n{first.tail()}"
+        assert took < 10, f"a coordinator stops in well under its lease TTL, not {took:.1f}s"
+        assert "coordinator stopped" in first.tail(2000)
+        assert c.leader() is None  # released, not left to expire
+        assert c.run_status() == "running"
+        second = c.coordinator()
+        c.wait_for(lambda: c.leader() is not None, 10, "the next coordinator to adopt the run")
+        c.wait_finished(120)
+        out = harness.finish(c)
+        assert second.alive()
+    harness.check(out, None, [], nodes=PARTS + 1)

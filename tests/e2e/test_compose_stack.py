@@ -2,7 +2,8 @@
 and two workers in containers of the swarm:latest image, sandboxes on the host's engine. A
 run submitted from the host (`swarm run --submit`) is adopted by the coordinator, run by both
 workers, merged, and fetched with `swarm result`; a worker stopped mid-run (SIGTERM) hands
-its jobs back and exits cleanly, and the run still completes. Nothing is left running."""
+its jobs back and exits cleanly, and the run still completes. `docker-compose stop` ends
+every service cleanly, and nothing is left running."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from swarm.models import NodeState
 from swarm.sandbox.layout import Layout
 from swarm.settings import Settings
 from swarm.store import Store
-from tests.conftest import free_port, redis_ping, require
+from tests.conftest import free_port, redis_command, redis_ping, require
 from tests.e2e.conftest import docker_engine_answers
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -120,6 +121,11 @@ def wait_status(stack: Stack, run_id: str, cond, what: str, timeout: float) -> d
 def test_a_run_submitted_to_the_compose_stack_completes_across_its_workers(
     stack: Stack, tmp_path: Path
 ) -> None:
+    # The stack's Redis keeps what resume relies on: AOF on, nothing evicted.
+    assert redis_command(stack.port, "CONFIG", "GET", "appendonly").endswith(b"yes\r\n")
+    assert redis_command(stack.port, "CONFIG", "GET", "maxmemory-policy").endswith(
+        b"noeviction\r\n")
+
     run_id = stack.swarm("run", "--submit",
                          f"Write a field guide to Redis Streams in {PARTS} parts").strip()
     assert run_id.startswith("r-")
@@ -165,3 +171,11 @@ def test_a_run_submitted_to_the_compose_stack_completes_across_its_workers(
                            "--filter", "label=swarm.run=" + run_id],
                           capture_output=True, text=True, check=True).stdout.split()
     assert left == []
+
+    # `docker-compose stop` (SIGTERM through the containers' init): every service ends by its
+    # own hand, the coordinator and the workers included.
+    stack.compose("stop", "-t", "30")
+    ids = stack.compose("ps", "-q").split()
+    exits = {s["Name"]: s["State"]["ExitCode"] for s in json.loads(subprocess.run(
+        ["docker", "inspect", *ids], capture_output=True, text=True, check=True).stdout)}
+    assert len(exits) == 5 and set(exits.values()) == {0}, exits
