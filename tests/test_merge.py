@@ -33,6 +33,8 @@ from swarm.merge import (
     render_report,
     tree_reduce,
 )
+from swarm.merge import files as files_module
+from swarm.merge.conflicts import NoMergeTree
 from swarm.models import Usage
 from tests.conftest import require
 
@@ -495,6 +497,43 @@ async def test_merge_is_idempotent_and_reproducible(tmp_path: Path) -> None:
     assert "100755" in git(out, "ls-files", "-s", "c/deep/c.py")
     assert [n for n in _names(tmp_path) if n.startswith(".")] == []  # no scratch left
     assert_settled(out)
+
+
+def mixed_run(root: Path) -> list[tuple[str, Path]]:
+    """Clean merges, then a conflict, then clean merges again, then another conflict."""
+    files = {"a": {"a.md": "a\n"}, "b": {"shared.md": "b's\n"}, "c": {"c/c.md": "c\n"},
+             "d": {"d.md": "d\n"}, "e": {"shared.md": "e's\n"}, "f": {"f.md": "f\n"},
+             "g": {"g.md": "g\n"}, "h": {"shared.md": "h's\n", "h.md": "h\n"}}
+    return [(n, workspace(root, n, f)) for n, f in files.items()]
+
+
+@pytestmark_git
+@pytest.mark.anyio
+async def test_clean_merges_made_without_a_checkout_equal_worktree_merges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The commit-graph is rewritten every 2 merges here, which moves main while the
+    # worktree stays behind: the conflicts that follow must still start from main.
+    monkeypatch.setattr(files_module, "COMMIT_GRAPH_EVERY", 2)
+    wss = mixed_run(tmp_path)
+    fast = await merge_workspaces(tmp_path / "fast", wss)
+
+    async def no_merge_tree(*_: object) -> str | None:
+        raise NoMergeTree("as on git < 2.38")
+
+    monkeypatch.setattr(files_module, "clean_merge_tree", no_merge_tree)
+    slow = await merge_workspaces(tmp_path / "slow", wss)
+    # Every merge made from objects alone is the very commit `git merge` makes.
+    assert fast == slow
+    assert fast.merged == list("abcdefgh")
+    assert [c.node for c in fast.conflicts] == ["e", "h"]
+    out = tmp_path / "fast"
+    assert_settled(out)  # the worktree shows main's final tree
+    assert sorted(git(out, "ls-files").split()) == sorted(
+        ["a.md", "c/c.md", "d.md", "f.md", "g.md", "h.md", "shared.md"])
+    shared = (out / "shared.md").read_text()
+    assert shared.startswith("b's\n") and "e's" in shared and "h's" in shared
+    assert len(git(out, "rev-list", "--merges", "HEAD").split()) == 8
 
 
 @pytestmark_git

@@ -66,6 +66,23 @@ async def merge_branch(
     return await _union(git, node, files, message, notes)
 
 
+class NoMergeTree(Exception):
+    """This git has no `merge-tree --write-tree` (it came in 2.38): merge in the worktree."""
+
+
+async def clean_merge_tree(git: Git, ours: str, theirs: str) -> str | None:
+    """The tree of merging `theirs` into commit `ours`, computed by git's merge machinery
+    without an index or worktree (so its cost does not grow with the tree already merged),
+    or None when the merge conflicts. Same strategy (ort) and result as `git merge`."""
+    proc = await git.run("merge-tree", "--write-tree", "--no-messages", ours, theirs,
+                         check=False)
+    if proc.returncode == 0:
+        return proc.stdout.split(b"\n", 1)[0].decode()
+    if proc.returncode == 1:
+        return None
+    raise NoMergeTree(proc.stderr.decode(errors="replace").strip()[-500:])
+
+
 async def _merge(git: Git, branch: str, message: str) -> subprocess.CompletedProcess[bytes]:
     return await git.run(
         "merge", "--no-ff", "--no-edit", "--no-verify", "-q", "-m", message, branch, check=False

@@ -22,13 +22,20 @@ import anyio
 from pydantic import Field
 
 from swarm.errors import UserError
-from swarm.merge.conflicts import ConflictRecord, ConflictResolver, merge_branch
+from swarm.merge.conflicts import (
+    ConflictRecord,
+    ConflictResolver,
+    NoMergeTree,
+    clean_merge_tree,
+    merge_branch,
+)
 from swarm.merge.git import Git, shown
 from swarm.merge.stage import stage_workspace, write_tree
 from swarm.models import Model
 
 MARKER = "swarm-output"  # in .git/: this folder is ours to rebuild
 MAX_SKIPPED_SHOWN = 200
+COMMIT_GRAPH_EVERY = 64  # merges between rewrites of the commit-graph (see _index_history)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")  # NodeSpec.id's rule
 
 
@@ -166,16 +173,47 @@ async def _build(
         for node, ws in workspaces
         if await _commit_workspace(build, node, ws)
     ]
+    report = await _merge_branches(git, build.base, branches, resolver)
+    report.files = len(await git.paths("ls-files", "-z"))
+    report.commit = await git.out("rev-parse", "HEAD")
+    report.skipped = _skipped_summary(build)
+    return report
+
+
+async def _merge_branches(
+    git: Git, base: str, branches: list[tuple[str, str]], resolver: ConflictResolver | None
+) -> FileMergeReport:
+    """Merge each branch into main in order; main's worktree ends checked out."""
     report = FileMergeReport()
+    head = checked_out = base  # main's commit, and the commit its worktree shows
+    in_memory = True
     for node, branch in branches:
+        message = f"merge {branch}"
+        if in_memory:
+            # A clean merge needs no checkout: its tree and commit are made from objects
+            # alone, so 1,000 branches cost 1,000 small merges, not 1,000 rewrites of a
+            # growing worktree. The commit is the one `git merge --no-ff -m` would make.
+            try:
+                tree = await clean_merge_tree(git, head, branch)
+            except NoMergeTree:
+                tree, in_memory = None, False
+            if tree is not None:
+                head = await git.out("commit-tree", tree, "-p", head, "-p", branch,
+                                     "-m", message)
+                report.merged.append(node)
+                if len(report.merged) % COMMIT_GRAPH_EVERY == 0:
+                    await _index_history(git, head)
+                continue
+        # A conflict (or an old git): merge in the worktree, checked out at `head` first,
+        # where the merge agent can work on the conflicting files.
+        checked_out = await _check_out(git, head, checked_out)
         merged, record = await merge_branch(git, node, branch, resolver)
+        head = checked_out = await git.out("rev-parse", "HEAD")
         if merged:
             report.merged.append(node)
         if record is not None:
             report.conflicts.append(record)
-    report.files = len(await git.paths("ls-files", "-z"))
-    report.commit = await git.out("rev-parse", "HEAD")
-    report.skipped = _skipped_summary(build)
+    await _check_out(git, head, checked_out)
     return report
 
 
@@ -202,6 +240,22 @@ async def _commit_workspace(build: _Build, node: str, workspace: Path) -> bool:
     )
     await build.git.run("update-ref", f"refs/heads/{branch_name(node)}", commit)
     return True
+
+
+async def _index_history(git: Git, head: str) -> None:
+    """Write a commit-graph of main's history so far. Each merge looks for the merge base
+    of main and a branch; without the graph that walk parses every merge commit made so
+    far (~48 ms at 1,000), with it a few milliseconds."""
+    await git.run("update-ref", "refs/heads/main", head)
+    await git.run("commit-graph", "write", "--reachable", "--no-progress")
+
+
+async def _check_out(git: Git, commit: str, current: str) -> str:
+    """Point main at `commit` and make the index and worktree (now at `current`) match."""
+    if commit != current:
+        await git.run("update-ref", "refs/heads/main", commit)
+        await git.run("reset", "-q", "--hard", "HEAD")
+    return commit
 
 
 def _note_skipped(build: _Build, node: str, skipped: list[str]) -> None:
