@@ -37,6 +37,9 @@ async def sandboxes(settings: Settings) -> AsyncIterator[SandboxBackend]:
     async with await pick_sandboxes(settings, "docker") as backend:
         yield backend
         await backend.remove_run(RUN)
+        # A SIGKILLed agent process (the resume test) cannot drain its warm pool: remove
+        # what processes that died left in this home, as `swarm gc` would.
+        await backend.gc(set())
 
 
 def make_llm(sim: SimulatorThread, **endpoint: object) -> LLM:
