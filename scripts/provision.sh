@@ -104,12 +104,15 @@ ensure_base_image() {
 }
 
 # ---- 4. the sandbox image, rebuilt only when its folder (or the base) changed -------------
-sandbox_hash() {
-    local base_id
-    base_id=$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")
+# The hash of what an image is built from: the base image and the files under DIR that the
+# given paths name (caches excluded). inputs_hash DIR PATH...
+inputs_hash() {
+    local dir=$1
+    shift
     {
-        echo "base $base_id"
-        (cd "$SANDBOX_DIR" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum)
+        echo "base $(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")"
+        (cd "$dir" && find "$@" -type f -not -path '*/__pycache__/*' -print0 |
+            LC_ALL=C sort -z | xargs -0 -r sha256sum)
     } | sha256sum | cut -d' ' -f1
 }
 
@@ -137,7 +140,8 @@ ensure_image() {
 
 ensure_sandbox_image() {
     [ -f "$SANDBOX_DIR/Dockerfile" ] || die "$SANDBOX_DIR/Dockerfile is missing"
-    ensure_image "$SANDBOX_IMAGE" "$(sandbox_hash)" "$SANDBOX_DIR" "$STATE_DIR/build-sandbox.log"
+    ensure_image "$SANDBOX_IMAGE" "$(inputs_hash "$SANDBOX_DIR" .)" "$SANDBOX_DIR" \
+        "$STATE_DIR/build-sandbox.log"
 }
 
 # ---- 5. the project's virtualenv ---------------------------------------------------------
@@ -181,17 +185,11 @@ ensure_wheels() {
     echo "$want" >"$WHEELS_STAMP"
 }
 
-app_hash() {
-    {
-        echo "base $(docker image inspect -f '{{.Id}}' "$BASE_IMAGE")"
-        (cd "$ROOT" && find Dockerfile .dockerignore pyproject.toml README.md swarm build/wheels \
-            -type f -not -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum)
-    } | sha256sum | cut -d' ' -f1
-}
-
 ensure_app_image() {
     ensure_wheels
-    ensure_image "$APP_IMAGE" "$(app_hash)" "$ROOT" "$STATE_DIR/build-app.log" \
+    local want
+    want=$(inputs_hash "$ROOT" Dockerfile .dockerignore pyproject.toml README.md swarm build/wheels)
+    ensure_image "$APP_IMAGE" "$want" "$ROOT" "$STATE_DIR/build-app.log" \
         --build-arg PIP_NO_INDEX=1
 }
 

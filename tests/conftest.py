@@ -36,6 +36,14 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def image_exists(name: str) -> bool:
+    """Whether the Docker engine has image `name` (False without a docker client)."""
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "image", "inspect", name],
+                          capture_output=True).returncode == 0
+
+
 # ---- Redis -------------------------------------------------------------------------------
 
 

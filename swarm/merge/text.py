@@ -35,8 +35,6 @@ _PARTIAL_TASK = """This is an intermediate merge (level {level}): your text will
 with others later. Write at most {limit} characters, and keep node ids next to their findings."""
 
 
-
-
 def clip(text: str, limit: int) -> str:
     """At most `limit` characters of `text`, saying in the text itself how much was cut."""
     if len(text) <= limit:

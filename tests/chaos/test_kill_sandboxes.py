@@ -4,31 +4,22 @@ intact: the merged output equals an undisturbed run's) and leaves none when the 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.chaos import harness
 from tests.chaos.conftest import SMALL
-from tests.conftest import require
+from tests.conftest import image_exists, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
-
-def docker_ready() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    done = subprocess.run(["docker", "image", "inspect", "swarm-sandbox:latest"],
-                          capture_output=True, check=False)
-    return done.returncode == 0
-
 
 @pytest.mark.timeout(900)  # two 80-agent waves of 12 s model answers, then the rest
 def test_sigkill_with_50_live_containers_leaves_no_orphans(
     chaos_root: Path, baseline_small: harness.Outcome
 ) -> None:
-    require(docker_ready(), "no Docker engine or no swarm-sandbox:latest image")
+    require(image_exists("swarm-sandbox:latest"),
+            "no Docker engine or no swarm-sandbox:latest image")
     # Slow answers while killing (agents hold their containers for two 12 s answers, longer
     # than a slow engine needs to start 80), then fast.
     out, kills, figures = harness.kill_with_containers(chaos_root, SMALL, min_live=50,
